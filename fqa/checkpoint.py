@@ -1,0 +1,169 @@
+"""Checkpoints: tensors in safetensors, state in JSON, a checksum manifest, atomic writes.
+
+Layout of one checkpoint directory::
+
+    step-000100/
+      model.safetensors      the model's full state dict
+      optimizer.safetensors  optimizer tensors; optimizer.json holds the rest
+      stats.parquet          per-datapoint variance statistics (fqa.stats)
+      state.json             step, queries, allocator state, config, counters
+      manifest.json          sha256 of every file above (verified on load)
+
+A checkpoint is written into a temporary directory and renamed into place, then the
+``latest`` pointer is replaced atomically, so a crash mid-write leaves the previous
+checkpoint as the latest. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fqa.tasks.models import CheckpointError
+
+_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "stats.parquet", "state.json")
+
+
+@dataclass
+class CheckpointData:
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    stats_path: Path
+    state: dict[str, Any]
+    path: Path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stats,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step:06d}"
+    tmp = directory / f".step-{step:06d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(model_state, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    _write_json(tmp / "optimizer.json", opt_meta)
+    stats.save(tmp / "stats.parquet")
+    _write_json(tmp / "state.json", {**state, "step": step})
+    manifest = {name: _sha256(tmp / name) for name in _FILES}
+    _write_json(tmp / "manifest.json", manifest)
+    for name in (*_FILES, "manifest.json"):
+        with open(tmp / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_text_atomic(directory / "latest", final.name)
+    _prune(directory, keep)
+    return final
+
+
+def _prune(directory: Path, keep: int) -> None:
+    steps = sorted(p for p in directory.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    pointer = directory / "latest"
+    if not pointer.is_file():
+        return None
+    path = directory / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path) -> CheckpointData:
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no manifest.json; it is incomplete — delete it")
+    manifest = json.loads(manifest_path.read_text())
+    for name, digest in manifest.items():
+        file = path / name
+        if not file.is_file() or _sha256(file) != digest:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is missing or its checksum does not match the "
+                "manifest (truncated or corrupted); delete this checkpoint to resume from an earlier one"
+            )
+    try:
+        optimizer = _unflatten_optimizer(
+            load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+        )
+        return CheckpointData(
+            model=load_file(str(path / "model.safetensors")),
+            optimizer=optimizer,
+            stats_path=path / "stats.parquet",
+            state=json.loads((path / "state.json").read_text()),
+            path=path,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the config fields whose values differ."""
+    fields = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict) and not name.endswith("kwargs"):
+            fields += config_differences(a, b, f"{name}.")
+        elif a != b:
+            fields.append(f"{name} ({a!r} -> {b!r})")
+    return fields

@@ -1,0 +1,95 @@
+"""The ``fqa`` command line: ``fqa train``, ``fqa data prepare``, ``fqa bench variance``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import yaml
+
+
+def _overrides(pairs: list[str]) -> dict:
+    parsed = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE (e.g. train.lr=0.01), got {pair!r}")
+        key, value = pair.split("=", 1)
+        parsed[key] = yaml.safe_load(value)  # numbers, booleans, lists; never code
+    return parsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fqa", description="forward query allocation")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run a training job from a YAML config")
+    train.add_argument("config", help="YAML config, e.g. jobs/configs/vit_digits.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    train.add_argument("--no-compare", action="store_true", help="skip the comparison runs")
+
+    data = commands.add_parser("data", help="dataset utilities")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_commands.add_parser("prepare", help="write a bundled dataset as Parquet")
+    prepare.add_argument("name", choices=["digits"])
+    prepare.add_argument("--out", required=True, help="output directory")
+    prepare.add_argument("--seed", type=int, default=0)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    variance = bench_commands.add_parser("variance", help="gradient-estimator variance per allocator")
+    variance.add_argument("--config", default="jobs/configs/vit_digits.yaml")
+    variance.add_argument("--estimator", default="lr", choices=["lr", "spsa"])
+    variance.add_argument("--budgets", default="2,4,8,16", help="samples per datapoint, comma separated")
+    variance.add_argument("--reps", type=int, default=50)
+    variance.add_argument("--learn-steps", type=int, default=200, help="steps to learn allocator parameters")
+    variance.add_argument("--out", default="runs/bench/variance")
+    variance.add_argument("--quick", action="store_true", help="tiny settings for tests")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from fqa.config import ConfigError
+    from fqa.data import DataError
+    from fqa.tasks.models import CheckpointError
+
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "data":
+            from fqa.data import prepare_digits
+
+            paths = prepare_digits(args.out, seed=args.seed)
+            print(json.dumps({k: str(v) for k, v in paths.items()}))
+            return 0
+        if args.command == "bench":
+            from fqa.bench_variance import run_variance_bench
+
+            run_variance_bench(args)
+            return 0
+    except (ConfigError, DataError, CheckpointError, ValueError) as exc:
+        print(f"fqa: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _train(args) -> int:
+    from fqa.config import load_config, with_overrides
+    from fqa.experiment import run_experiment
+    from fqa.trainer import TrainingError
+
+    config = load_config(args.config, _overrides(args.set))
+    if args.no_compare:
+        config = with_overrides(config, {"compare.backprop": False, "compare.allocators": []})
+    try:
+        result = run_experiment(config)
+    except TrainingError as exc:
+        print(f"fqa: training stopped: {exc}", file=sys.stderr)
+        return 3
+    print(result["table"])
+    print(json.dumps({"dir": result["dir"], "runs": result["runs"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Typed, range-checked run configuration (YAML maps 1:1 onto these models).
+
+pydantic does the type and range checks; ``load_config`` turns its errors into one
+message that names each bad field, its value and the fix, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    name: str = "run"  # run directory name under out_dir; reusing it resumes the run
+    out_dir: str = "runs"  # where run directories (metrics, checkpoints, plots) go
+    seed: int = Field(0, ge=0)  # every random draw (batches, noise, allocator) derives from it
+    resume: bool = True  # continue from the run directory's latest checkpoint if present
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "parquet"] = "digits"  # digits: prepared on demand
+    dir: str = "data/digits"  # holds train/validation/test.parquet
+    classes: list[int] | None = None  # keep only these labels (None: all)
+
+
+class ModelConfig(_Section):
+    name: str = "vit_tiny_patch16_224"  # any timm model name
+    # timm constructor overrides; the default shrinks the ViT to 16x16 single-channel digits
+    kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "img_size": 16,
+            "patch_size": 4,
+            "in_chans": 1,
+            "embed_dim": 64,
+            "depth": 4,
+            "num_heads": 4,
+        }
+    )
+    input_size: int = Field(16, ge=1)  # images are resized to input_size x input_size
+    pretrained: bool | str = False  # timm hub weights (needs network); prefer `checkpoint`
+    checkpoint: str | None = None  # local .safetensors state dict to start from
+    reset_head: bool = True  # drop checkpoint head weights whose shape differs (new classes)
+
+
+class TrainableConfig(_Section):
+    # full: every parameter; head: classifier only; last_blocks: the last `blocks`
+    # transformer blocks + final norm + head; lora: low-rank adapters on the attention
+    # and MLP Linear layers of every block, plus the head.
+    mode: Literal["full", "head", "last_blocks", "lora"] = "last_blocks"
+    blocks: int = Field(1, ge=1)  # for last_blocks
+    lora_rank: int = Field(4, ge=1)  # for lora
+    lora_alpha: float = Field(8.0, gt=0)  # lora scale = alpha / rank
+
+
+class EstimatorConfig(_Section):
+    name: str = "lr"  # spsa | lr (see fqa.estimators.list_estimators())
+    epsilon: float = Field(1e-3, gt=0)  # spsa: weight perturbation scale
+    sigma: float = Field(0.1, gt=0)  # lr: std of the noise added to layer outputs
+    antithetic: bool = True  # lr: queries in (+noise, -noise) pairs
+    hook_conv: bool = False  # lr: also inject noise into trainable Conv2d outputs
+    shard_rows: int = Field(512, ge=1)  # samples per shard (the unit a worker evaluates)
+
+
+class AllocatorConfig(_Section):
+    name: str = "uniform"  # uniform | neyman | gaussian | bernoulli (| oracle: benchmarks)
+    n_min: int = Field(1, ge=1)  # floor of samples per datapoint
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # allocator constructor arguments
+    stats_decay: float = Field(1.0, gt=0, le=1)  # per-visit forgetting of variance statistics
+
+
+class TrainConfig(_Section):
+    steps: int = Field(300, ge=1)  # optimizer steps
+    batch_size: int = Field(64, ge=1)  # datapoints per step (B)
+    queries_per_datapoint: int = Field(8, ge=1)  # perturbed queries per datapoint on average
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)  # step size
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)  # clip the estimated gradient's norm
+    eval_every: int = Field(50, ge=1)  # steps between validation evaluations
+    checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints
+    max_nonfinite_steps: int = Field(5, ge=1)  # consecutive skipped steps before stopping
+    progress: bool = True  # tqdm progress bar
+
+
+class PretrainConfig(_Section):
+    # Backpropagation pretraining on a disjoint source task, cached, stands in for the
+    # hub weights this machine cannot download.
+    enabled: bool = False
+    classes: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    cache_dir: str = "runs/cache"
+
+
+class CompareConfig(_Section):
+    backprop: bool = False  # also fine-tune the same parameters with backpropagation
+    backprop_steps: int | None = Field(None, ge=1)  # default: train.steps
+    allocators: list[str] = Field(default_factory=list)  # extra forward runs, same budget
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    trainable: TrainableConfig = TrainableConfig()
+    estimator: EstimatorConfig = EstimatorConfig()
+    allocator: AllocatorConfig = AllocatorConfig()
+    train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    compare: CompareConfig = CompareConfig()
+
+    @field_validator("estimator", mode="after")
+    @classmethod
+    def _known_estimator(cls, value: EstimatorConfig) -> EstimatorConfig:
+        from fqa.estimators import ESTIMATORS
+
+        ESTIMATORS.check(value.name)
+        return value
+
+    @field_validator("allocator", mode="after")
+    @classmethod
+    def _known_allocator(cls, value: AllocatorConfig) -> AllocatorConfig:
+        from fqa.allocators import ALLOCATORS
+
+        ALLOCATORS.check(value.name)
+        return value
+
+    @field_validator("compare", mode="after")
+    @classmethod
+    def _known_compared(cls, value: CompareConfig) -> CompareConfig:
+        from fqa.allocators import ALLOCATORS
+
+        for name in value.allocators:
+            ALLOCATORS.check(name)
+        return value
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> Config:
+        per_sample = queries_per_sample(self.estimator)
+        q = self.train.queries_per_datapoint
+        if q % per_sample:
+            raise ValueError(
+                f"train.queries_per_datapoint={q} is not a multiple of {per_sample}, the "
+                f"queries in one {self.estimator.name} sample; use {q + per_sample - q % per_sample}"
+            )
+        if q // per_sample < self.allocator.n_min:
+            raise ValueError(
+                f"budget of {q} queries per datapoint ({q // per_sample} samples) is below "
+                f"allocator.n_min={self.allocator.n_min}; raise queries_per_datapoint to "
+                f"{self.allocator.n_min * per_sample} or lower n_min"
+            )
+        return self
+
+    def sample_budget(self) -> int:
+        """Samples to split over one batch (the allocator's N)."""
+        per_sample = queries_per_sample(self.estimator)
+        return self.train.batch_size * self.train.queries_per_datapoint // per_sample
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(
+            json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        ).hexdigest()[:16]
+
+
+def queries_per_sample(estimator: EstimatorConfig) -> int:
+    """Queries one allocated sample costs: a central difference or antithetic pair is 2."""
+    if estimator.name == "spsa":
+        return 2
+    if estimator.name == "lr":
+        return 2 if estimator.antithetic else 1
+    return 1
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key; remove it or fix its spelling (see fqa/config.py)"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}{shown}"
+
+
+def parse_config(data: dict[str, Any] | None) -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as exc:
+        lines = [_describe(error) for error in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see jobs/configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    return parse_config(data)
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'`` (command-line overrides)."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    data = config.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        set_dotted(data, dotted, value)
+    return parse_config(data)

@@ -1,0 +1,83 @@
+"""The estimator contract: plan a step's queries into shards, evaluate shards, write ``.grad``.
+
+A step is planned as a list of :class:`Shard` s — the unit a worker evaluates — whose
+cut depends only on the allocation and ``shard_rows``, never on how many processes run
+them, so the single-process trainer and the cluster produce the same estimate.
+
+Batch estimator (METHOD.md §3): every sample of datapoint i carries the weight
+1/(B·n_i), so each datapoint's estimate is divided by its own sample count.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fqa.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class Shard:
+    seed: int  # spsa: the direction's seed (shared by the shards of one direction); lr: noise seed
+    ids: np.ndarray  # int64 [r]: global datapoint id of each sample
+    weights: np.ndarray  # float64 [r]: 1/(B·n_i), the batch-estimator weight of the sample
+    baselines: np.ndarray  # float64 [r]: the datapoint's unperturbed pre-pass loss
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class ShardResult:
+    """What a shard sends back: small, typed, independent of model size for spsa."""
+
+    seed: int
+    ids: np.ndarray  # int64 [r]: datapoint of each sample
+    values: np.ndarray  # float64 [r]: spsa: projected derivative p; lr: mean (loss − baseline)
+    stat_values: np.ndarray  # float64 [r]: the scalar whose second moment tracks v_i
+    queries: int  # forward evaluations of one datapoint spent on this shard
+    nonfinite: int  # samples whose loss was NaN/inf (their contribution is zeroed)
+    grads: dict[str, torch.Tensor] | None = field(default=None)  # lr: weighted partial sums
+
+
+class Estimator(ABC):
+    name: str = "base"
+    queries_per_sample: int = 1
+
+    @abstractmethod
+    def plan(
+        self, ids: np.ndarray, counts: np.ndarray, baselines: np.ndarray, seed: int, shard_rows: int
+    ) -> list[Shard]:
+        """Cut the batch's samples (counts[i] for datapoint ids[i]) into shards."""
+
+    @abstractmethod
+    def evaluate(self, task: Task, shard: Shard) -> ShardResult:
+        """Spend the shard's queries on the task's current parameters (restored afterwards)."""
+
+    @abstractmethod
+    def write_grad(self, task: Task, shards: list[Shard], results: list[ShardResult]) -> None:
+        """Reduce shard results (in plan order) into ``param.grad`` of the trainable parameters."""
+
+    def variance_scale(self, task: Task) -> float:
+        """Factor turning E[stat_value²] into v_i (a common scale; allocators ignore it)."""
+        return 1.0
+
+
+def batch_weights(counts: np.ndarray) -> np.ndarray:
+    """Weight of one sample of datapoint i in the batch estimator: 1/(B·n_i)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if np.any(counts < 1):
+        raise ValueError("every datapoint of the batch needs at least one sample (n_i >= 1)")
+    return 1.0 / (len(counts) * counts)
+
+
+def chunks(length: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def zero_grads(task: Task) -> None:
+    for _, param in task.trainable_parameters():
+        param.grad = torch.zeros_like(param)

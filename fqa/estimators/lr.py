@@ -1,0 +1,189 @@
+"""Likelihood-ratio estimator: Gaussian noise injected into layer outputs by forward hooks.
+
+For a hooked layer y = Wx + b, the query adds σε to y; with the query's loss l and
+the datapoint's unperturbed loss b_i as baseline,
+
+    ∇_W ≈ (l − b_i)·(ε/σ)xᵀ,   ∇_b ≈ (l − b_i)·ε/σ     (summed over tokens)
+
+Each trainable nn.Linear (optionally nn.Conv2d) gets its own noise in the same forward,
+so one query estimates all layers at once. Samples are antithetic pairs (ε, −ε) by
+default, in which case the baseline cancels and the pair is a central difference.
+The gradient is accumulated as one matrix product per layer over the shard's rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fqa.estimators import ESTIMATORS
+from fqa.estimators.base import Estimator, Shard, ShardResult, batch_weights, chunks, zero_grads
+from fqa.seeding import derive_seed
+from fqa.tasks.base import Task
+
+
+def hooked_modules(model: nn.Module, include_conv: bool) -> list[tuple[str, nn.Module]]:
+    """Linear (and Conv2d) modules that own a trainable parameter, in a fixed order."""
+    kinds = (nn.Linear, nn.Conv2d) if include_conv else (nn.Linear,)
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, kinds) and any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+
+
+def unestimated_parameters(model: nn.Module, include_conv: bool) -> list[str]:
+    """Trainable parameters outside hooked layers (LayerNorm, embeddings): LR cannot see them."""
+    covered = {
+        id(p) for _, module in hooked_modules(model, include_conv) for p in module.parameters(recurse=False)
+    }
+    return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+
+
+class _NoiseInjector:
+    """Forward hooks that add σε to each hooked layer's output and remember (x, ε)."""
+
+    def __init__(self, modules, sigma: float, generator: torch.Generator, pairs: int | None):
+        self.sigma = sigma
+        self.generator = generator
+        self.pairs = pairs  # antithetic: rows = [+ε for pairs] + [−ε for pairs]
+        self.saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self.handles = [module.register_forward_hook(self._hook) for _, module in modules]
+
+    def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        shape = output.shape
+        if self.pairs is not None:
+            half = torch.randn(
+                (self.pairs, *shape[1:]), generator=self.generator, device=output.device, dtype=output.dtype
+            )
+            noise = torch.cat([half, -half])
+        else:
+            noise = torch.randn(shape, generator=self.generator, device=output.device, dtype=output.dtype)
+        self.saved.append((module, inputs[0], noise))
+        return output + self.sigma * noise
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _row_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _layer_gradient(module: nn.Module, x: torch.Tensor, weighted: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ_rows weighted_r-noise ⊗ x_r for one layer: the same FLOPs as its forward matmul."""
+    grads = {}
+    if isinstance(module, nn.Conv2d):
+        if module.weight.requires_grad:
+            grads["weight"] = torch.nn.grad.conv2d_weight(
+                x, module.weight.shape, weighted, module.stride, module.padding, module.dilation, module.groups
+            )
+        if module.bias is not None and module.bias.requires_grad:
+            grads["bias"] = weighted.sum(dim=(0, 2, 3))
+        return grads
+    flat_noise = weighted.reshape(-1, weighted.shape[-1])
+    if module.weight.requires_grad:
+        grads["weight"] = flat_noise.T @ x.reshape(-1, x.shape[-1])
+    if module.bias is not None and module.bias.requires_grad:
+        grads["bias"] = flat_noise.sum(0)
+    return grads
+
+
+def _score_norm_sq(module: nn.Module, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """‖Σ_tokens ε_t x_tᵀ‖² (+ bias term) per row: the size of this layer's score."""
+    if isinstance(module, nn.Conv2d) or noise.dim() == 2:
+        sq = noise.flatten(1).pow(2).sum(1) * x.flatten(1).pow(2).sum(1)
+        if module.bias is not None and module.bias.requires_grad:
+            sq = sq + noise.flatten(1).pow(2).sum(1)
+        return sq
+    rows = noise.shape[0]
+    noise3, x3 = noise.reshape(rows, -1, noise.shape[-1]), x.reshape(rows, -1, x.shape[-1])
+    gram = (noise3 @ noise3.transpose(1, 2)) * (x3 @ x3.transpose(1, 2))
+    sq = gram.sum((1, 2))
+    if module.bias is not None and module.bias.requires_grad:
+        sq = sq + noise3.sum(1).pow(2).sum(1)
+    return sq
+
+
+@ESTIMATORS.register("lr")
+class LikelihoodRatioEstimator(Estimator):
+    name = "lr"
+
+    def __init__(self, sigma: float = 0.1, antithetic: bool = True, hook_conv: bool = False, **_ignored):
+        if not sigma > 0:
+            raise ValueError(f"estimator.sigma={sigma} must be > 0 (typical: 0.01-0.5)")
+        self.sigma = sigma
+        self.antithetic = antithetic
+        self.hook_conv = hook_conv
+        self.queries_per_sample = 2 if antithetic else 1
+
+    def plan(self, ids, counts, baselines, seed, shard_rows):
+        counts = np.asarray(counts)
+        rows = np.repeat(np.arange(len(ids)), counts)  # datapoint i's samples are contiguous
+        weights = batch_weights(counts)[rows]
+        return [
+            Shard(derive_seed(seed, "queries", j), ids[rows[part]], weights[part], baselines[rows[part]])
+            for j, part in enumerate(chunks(len(rows), shard_rows))
+        ]
+
+    def evaluate(self, task: Task, shard: Shard) -> ShardResult:
+        modules = hooked_modules(task.model, self.hook_conv)
+        if not modules:
+            raise ValueError(
+                "the lr estimator found no trainable nn.Linear layer to inject noise into; "
+                "train Linear layers (trainable.mode head/last_blocks/lora/full) or use spsa"
+            )
+        samples = len(shard)
+        row_ids = np.concatenate([shard.ids, shard.ids]) if self.antithetic else shard.ids
+        device = next(task.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(shard.seed)
+        injector = _NoiseInjector(modules, self.sigma, generator, samples if self.antithetic else None)
+        try:
+            losses = task.losses(row_ids).double()
+        finally:
+            injector.remove()
+        baselines = torch.as_tensor(np.tile(shard.baselines, len(row_ids) // samples), device=losses.device)
+        advantage = losses - baselines  # (l − b_i): O(σ), so the variance stays finite as σ → 0
+        bad_rows = ~torch.isfinite(advantage)
+        advantage = torch.where(bad_rows, torch.zeros_like(advantage), advantage)
+        # per-row weight: 1/(B n_i) split over the rows of the sample, over σ
+        row_weights = torch.as_tensor(np.tile(shard.weights, len(row_ids) // samples), device=losses.device)
+        coefficient = advantage * row_weights / (self.sigma * (len(row_ids) // samples))
+
+        grads: dict[str, torch.Tensor] = {}
+        score_sq = torch.zeros(len(row_ids), dtype=torch.float64, device=losses.device)
+        names = {id(module): name for name, module in modules}
+        for module, x, noise in injector.saved:
+            weighted = noise * _row_view(coefficient.to(noise.dtype), noise)
+            for pname, grad in _layer_gradient(module, x, weighted).items():
+                key = f"{names[id(module)]}.{pname}"
+                grads[key] = grads[key] + grad if key in grads else grad
+            score_sq += _score_norm_sq(module, x, noise).double()
+
+        if self.antithetic:
+            plus, minus = advantage[:samples], advantage[samples:]
+            signal = (plus - minus) / 2  # the baseline cancels within a pair
+            bad = (bad_rows[:samples] | bad_rows[samples:]).numpy()
+            score = score_sq[:samples]  # ε and −ε have the same score norm
+        else:
+            signal, bad, score = advantage, bad_rows.numpy(), score_sq
+        # ‖ĝ_sample‖ = |signal|·‖score‖/σ: its second moment is the sample's E‖ĝ‖² ≈ v_i
+        stat = (signal.abs() * score.sqrt() / self.sigma).cpu().numpy()
+        return ShardResult(
+            seed=shard.seed,
+            ids=shard.ids,
+            values=signal.cpu().numpy(),
+            stat_values=np.where(bad, 0.0, stat),
+            queries=len(row_ids),
+            nonfinite=int(bad.sum()),
+            grads=grads,
+        )
+
+    def write_grad(self, task: Task, shards: list[Shard], results: list[ShardResult]) -> None:
+        zero_grads(task)
+        params = dict(task.trainable_parameters())
+        for result in results:
+            for key, grad in (result.grads or {}).items():
+                params[key].grad.add_(grad.to(params[key].dtype))

@@ -1,0 +1,89 @@
+"""Build a run's pieces from its config: data, task, estimator, allocator, optimizer.
+
+Shared by the single-process trainer, the backpropagation reference and (later) the
+cluster's workers, so every path builds exactly the same objects.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from fqa.allocators import create_allocator
+from fqa.config import Config
+from fqa.data import ImageDataset, ensure_digits, load_splits
+from fqa.estimators import Estimator, create_estimator
+from fqa.estimators.lr import unestimated_parameters
+from fqa.seeding import derive_seed
+from fqa.tasks.image_classification import ImageClassificationTask, build_image_task
+
+log = logging.getLogger(__name__)
+
+
+def load_data(config: Config) -> tuple[dict[str, ImageDataset], int]:
+    """The train/validation/test splits and the number of classes the head needs."""
+    if config.data.dataset == "digits":
+        splits = ensure_digits(config.data.dir)
+    else:
+        splits = load_splits(config.data.dir)
+    if config.data.classes is not None:
+        splits = {k: v.filter_labels(config.data.classes, relabel=True) for k, v in splits.items()}
+    num_classes = splits["train"].num_classes or int(splits["train"].labels.max()) + 1
+    return splits, num_classes
+
+
+def build_task(config: Config) -> ImageClassificationTask:
+    splits, num_classes = load_data(config)
+    return build_image_task(config, splits, num_classes)
+
+
+def build_estimator(config: Config, task) -> Estimator:
+    est = config.estimator
+    estimator = create_estimator(
+        est.name, epsilon=est.epsilon, sigma=est.sigma, antithetic=est.antithetic, hook_conv=est.hook_conv
+    )
+    if est.name == "lr":
+        # LR estimates only the weights of the layers it injects noise into; freeze the
+        # rest (norms, embeddings) rather than let the optimizer see zero gradients.
+        frozen = unestimated_parameters(task.model, est.hook_conv)
+        params = dict(task.model.named_parameters())
+        for name in frozen:
+            params[name].requires_grad_(False)
+        if frozen:
+            log.info("lr: %d parameter tensors outside Linear layers stay frozen", len(frozen))
+    return estimator
+
+
+def build_allocator(config: Config):
+    return create_allocator(config.allocator.name, **config.allocator.kwargs)
+
+
+def build_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    train = config.train
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+class BatchSampler:
+    """Epoch-wise shuffled batches as a pure function of (seed, step): nothing to checkpoint."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int, seed: int) -> None:
+        if batch_size > len(ids):
+            raise ValueError(
+                f"train.batch_size={batch_size} is larger than the training set ({len(ids)} "
+                f"datapoints); use at most {len(ids)}"
+            )
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.per_epoch = len(ids) // batch_size  # the ragged tail is dropped each epoch
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, index = divmod(step, self.per_epoch)
+        order = np.random.default_rng(derive_seed(self.seed, "batch", epoch)).permutation(len(self.ids))
+        return self.ids[order[index * self.batch_size : (index + 1) * self.batch_size]]

@@ -1,0 +1,104 @@
+"""Image classification with any timm model on Parquet image data."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fqa.config import Config
+from fqa.data import ImageDataset
+from fqa.tasks.base import Task
+from fqa.tasks.models import create_timm_model, load_weights
+from fqa.tasks.trainable import add_lora, select_trainable
+
+log = logging.getLogger(__name__)
+
+
+def _prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize to the model's input size and centre pixel values (done once per split)."""
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return (images - 0.5) / 0.5
+
+
+class ImageClassificationTask(Task):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        splits: dict[str, ImageDataset],
+        input_size: int,
+        eval_batch: int = 512,
+    ) -> None:
+        self.model = model.eval()
+        self.eval_batch = eval_batch
+        self._inputs = {name: _prepare_images(ds.images, input_size) for name, ds in splits.items()}
+        self._labels = {name: ds.labels for name, ds in splits.items()}
+        self._splits = splits
+        num_classes = model.get_classifier().out_features
+        for name, labels in self._labels.items():
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+                raise ValueError(
+                    f"{name} split has labels in [{int(labels.min())}, {int(labels.max())}] but the "
+                    f"model has {num_classes} classes; check data.classes or the dataset's labels"
+                )
+
+    def train_ids(self) -> np.ndarray:
+        return self._splits["train"].ids.numpy()
+
+    def _rows(self, ids: np.ndarray, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        positions = self._splits[split].positions(torch.as_tensor(np.asarray(ids), dtype=torch.long))
+        return self._inputs[split][positions], self._labels[split][positions]
+
+    def losses(self, ids: np.ndarray) -> torch.Tensor:
+        inputs, labels = self._rows(ids)
+        with torch.inference_mode():
+            return F.cross_entropy(self.model(inputs), labels, reduction="none")
+
+    def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        inputs, labels = self._rows(ids)
+        with torch.inference_mode():
+            logits = self.model(inputs)
+            loss = F.cross_entropy(logits, labels, reduction="none")
+        return {
+            "loss": loss.double().numpy(),
+            "correct": (logits.argmax(-1) == labels).numpy(),
+        }
+
+    def backprop_loss(self, ids: np.ndarray) -> torch.Tensor:
+        inputs, labels = self._rows(ids)
+        return F.cross_entropy(self.model(inputs), labels)
+
+    def per_example_losses_with_grad(self, ids: np.ndarray) -> torch.Tensor:
+        inputs, labels = self._rows(ids)
+        return F.cross_entropy(self.model(inputs), labels, reduction="none")
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        inputs, labels = self._inputs[split], self._labels[split]
+        total_loss, correct = 0.0, 0
+        with torch.inference_mode():
+            for start in range(0, len(labels), self.eval_batch):
+                logits = self.model(inputs[start : start + self.eval_batch])
+                target = labels[start : start + self.eval_batch]
+                total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
+                correct += int((logits.argmax(-1) == target).sum())
+        n = max(len(labels), 1)
+        return {"loss": total_loss / n, "accuracy": correct / n}
+
+
+def build_image_task(
+    config: Config, splits: dict[str, ImageDataset], num_classes: int, estimator_name: str | None = None
+) -> ImageClassificationTask:
+    """Model by name, weights from a local file, trainable selection, all from the config."""
+    torch.manual_seed(config.run.seed)  # model initialisation is part of the run's seed
+    model = create_timm_model(config.model.name, num_classes, config.model.kwargs, config.model.pretrained)
+    if config.model.checkpoint:
+        load_weights(model, config.model.checkpoint, reset_head=config.model.reset_head)
+    if config.trainable.mode == "lora":
+        add_lora(model, config.trainable.lora_rank, config.trainable.lora_alpha)
+    names = select_trainable(model, config.trainable.mode, config.trainable.blocks)
+    if not names:
+        raise ValueError("no trainable parameters selected; check trainable.mode")
+    return ImageClassificationTask(model, splits, config.model.input_size)

@@ -1,0 +1,103 @@
+import os
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from fqa.config import parse_config  # noqa: E402
+from fqa.data import prepare_digits  # noqa: E402
+from fqa.tasks.base import Task  # noqa: E402
+
+TINY_VIT = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+class TensorTask(Task):
+    """A timm model on in-memory tensors (float64 for tight statistical tests)."""
+
+    def __init__(self, model, x, y):
+        self.model, self.x, self.y = model, x, y
+
+    def losses(self, ids):
+        with torch.inference_mode():
+            return F.cross_entropy(self.model(self.x[ids]), self.y[ids], reduction="none")
+
+    def prepass(self, ids):
+        with torch.inference_mode():
+            logits = self.model(self.x[ids])
+            loss = F.cross_entropy(logits, self.y[ids], reduction="none")
+        return {"loss": loss.double().numpy(), "correct": (logits.argmax(-1) == self.y[ids]).numpy()}
+
+    def evaluate(self, split):
+        return {}
+
+    def train_ids(self):
+        return np.arange(len(self.y))
+
+    def autograd_gradient(self, ids) -> torch.Tensor:
+        params = [p for _, p in self.trainable_parameters()]
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            F.cross_entropy(self.model(self.x[ids]), self.y[ids]).backward()
+        grad = torch.cat([p.grad.flatten() for p in params]).clone()
+        for p in params:
+            p.grad = None
+        return grad
+
+
+def make_vit_task(mode: str = "last_blocks") -> TensorTask:
+    """A random 2-block timm ViT (float64) on 8 random 16x16 images."""
+    from fqa.tasks.trainable import select_trainable
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_VIT).eval().double()
+    select_trainable(model, mode, 1)
+    x = torch.randn(8, 1, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+    return TensorTask(model, x, y)
+
+
+@pytest.fixture
+def vit_task():
+    """Last block + head trainable."""
+    return make_vit_task("last_blocks")
+
+
+@pytest.fixture
+def vit_head_task():
+    """Head only: low estimator variance, so a small bias is visible in few draws."""
+    return make_vit_task("head")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    prepare_digits(out)
+    return out
+
+
+@pytest.fixture
+def tiny_config(digits_dir, tmp_path):
+    """A fast end-to-end config: tiny ViT, few steps, no progress bar."""
+
+    def make(**sections):
+        data = {
+            "run": {"name": "t", "out_dir": str(tmp_path / "runs"), "seed": 0},
+            "data": {"dataset": "digits", "dir": str(digits_dir)},
+            "model": {"kwargs": TINY_VIT},
+            "trainable": {"mode": "last_blocks", "blocks": 1},
+            "estimator": {"name": "lr", "sigma": 0.1},
+            "allocator": {"name": "uniform"},
+            "train": {"steps": 6, "batch_size": 16, "queries_per_datapoint": 4, "eval_every": 3,
+                      "checkpoint_every": 3, "progress": False},
+        }
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        return parse_config(data)
+
+    return make

@@ -1,0 +1,164 @@
+"""The estimators against autograd on a timm ViT, with tolerances from their own variance."""
+
+import numpy as np
+import pytest
+import torch
+
+from fqa.estimators import create_estimator, list_estimators
+from fqa.estimators.base import batch_weights
+from fqa.estimators.lr import unestimated_parameters
+from fqa.estimators.spsa import perturb_
+
+SETTINGS = {"lr": {"sigma": 0.01}, "spsa": {"epsilon": 1e-4}}
+IDS = np.arange(8)
+COUNTS = np.array([1, 2, 3, 4, 1, 2, 3, 4])  # unequal on purpose: the 1/n_i weights matter
+
+
+def _prepare(task, name):
+    estimator = create_estimator(name, **SETTINGS[name])
+    if name == "lr":
+        params = dict(task.model.named_parameters())
+        for frozen in unestimated_parameters(task.model, False):
+            params[frozen].requires_grad_(False)
+    return estimator
+
+
+def _draws(task, estimator, reps, counts=COUNTS, reweight=None, shard_rows=64):
+    baselines = task.prepass(IDS)["loss"]
+    grads = []
+    for rep in range(reps):
+        shards = estimator.plan(IDS, counts, baselines, seed=rep, shard_rows=shard_rows)
+        if reweight is not None:
+            shards = [reweight(s) for s in shards]
+        results = [estimator.evaluate(task, s) for s in shards]
+        estimator.write_grad(task, shards, results)
+        grads.append(torch.cat([p.grad.flatten() for _, p in task.trainable_parameters()]))
+    return torch.stack(grads)
+
+
+def _z_scores(draws, truth):
+    se = draws.std(0) / len(draws) ** 0.5
+    return (draws.mean(0) - truth) / se
+
+
+@pytest.mark.parametrize("name", list_estimators())
+def test_estimator_is_unbiased_against_autograd(vit_task, name):
+    estimator = _prepare(vit_task, name)
+    truth = vit_task.autograd_gradient(IDS)
+    z = _z_scores(_draws(vit_task, estimator, reps=300), truth)
+    # Each coordinate's mean is off by z standard errors; unbiased => z ~ N(0, 1).
+    # mean z² of thousands of coordinates concentrates near 1 (finite-sample t-tails
+    # and the O(ε²) smoothing bias stay far inside these bounds).
+    assert 0.8 < float((z**2).mean()) < 1.3
+    assert float((z.abs() > 4.5).float().mean()) < 0.002
+
+
+@pytest.mark.parametrize("name", list_estimators())
+def test_weighting_datapoints_by_query_count_is_detected(vit_head_task, name):
+    """The public code's bias (METHOD.md §6): a datapoint weighted by n_i, not 1/n_i.
+
+    The same check as above must reject it, or the unbiasedness test has no power.
+    """
+    vit_task = vit_head_task
+    estimator = _prepare(vit_task, name)
+    truth = vit_task.autograd_gradient(IDS)
+    pooled = 1.0 / COUNTS.sum()  # every sample weighted alike => datapoint i weighted by n_i
+
+    def biased(shard):
+        return type(shard)(shard.seed, shard.ids, np.full(len(shard), pooled), shard.baselines)
+
+    unbiased = _z_scores(_draws(vit_task, estimator, reps=150), truth)
+    z = _z_scores(_draws(vit_task, estimator, reps=150, reweight=biased), truth)
+    assert 0.7 < float((unbiased**2).mean()) < 1.4
+    assert float((z**2).mean()) > 3.0
+
+
+@pytest.mark.parametrize("name", list_estimators())
+def test_cosine_with_autograd_rises_with_queries(vit_task, name):
+    estimator = _prepare(vit_task, name)
+    truth = vit_task.autograd_gradient(IDS)
+
+    def mean_cosine(per_datapoint):
+        draws = _draws(vit_task, estimator, reps=20, counts=np.full(8, per_datapoint))
+        return float(torch.nn.functional.cosine_similarity(draws, truth[None], dim=1).mean())
+
+    few, many = mean_cosine(1), mean_cosine(16)
+    assert many > few + 0.05
+    assert many > 2 * few
+
+
+def test_spsa_restores_parameters_and_reuses_directions(vit_task):
+    estimator = _prepare(vit_task, "spsa")
+    before = [p.detach().clone() for _, p in vit_task.trainable_parameters()]
+    baselines = vit_task.prepass(IDS)["loss"]
+    shards = estimator.plan(IDS, COUNTS, baselines, seed=3, shard_rows=3)
+    for shard in shards:
+        estimator.evaluate(vit_task, shard)
+    for old, (_, new) in zip(before, vit_task.trainable_parameters(), strict=True):
+        torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
+    # every datapoint uses directions 0..n_i-1: a direction's seed appears for each active point
+    seeds = {s.seed for s in shards}
+    assert len(seeds) == COUNTS.max()
+    assert sum(len(s) for s in shards) == COUNTS.sum()
+
+
+def test_spsa_estimate_does_not_depend_on_shard_size(vit_task):
+    estimator = _prepare(vit_task, "spsa")
+    small = _draws(vit_task, estimator, reps=2, shard_rows=2)
+    large = _draws(vit_task, estimator, reps=2, shard_rows=64)
+    torch.testing.assert_close(small, large, rtol=1e-9, atol=1e-12)
+
+
+def test_spsa_restores_parameters_when_a_query_fails(vit_task):
+    estimator = _prepare(vit_task, "spsa")
+    before = [p.detach().clone() for _, p in vit_task.trainable_parameters()]
+    shard = estimator.plan(IDS, COUNTS, vit_task.prepass(IDS)["loss"], seed=0, shard_rows=64)[0]
+    original, calls = vit_task.losses, []
+
+    def failing(ids):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("query failed")
+        return original(ids)
+
+    vit_task.losses = failing
+    with pytest.raises(RuntimeError):
+        estimator.evaluate(vit_task, shard)
+    for old, (_, new) in zip(before, vit_task.trainable_parameters(), strict=True):
+        torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
+
+
+def test_perturbation_is_regenerated_from_the_seed():
+    a, b = torch.zeros(5, 3), torch.zeros(5, 3)
+    perturb_([a], 42, 1.0)
+    perturb_([b], 42, 1.0)
+    assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+def test_nonfinite_losses_are_counted_and_zeroed(vit_task):
+    estimator = _prepare(vit_task, "lr")
+    shard = estimator.plan(IDS, COUNTS, vit_task.prepass(IDS)["loss"], seed=0, shard_rows=64)[0]
+    original = vit_task.losses
+
+    def poisoned(ids):
+        losses = original(ids).clone()
+        losses[0] = float("nan")
+        return losses
+
+    vit_task.losses = poisoned
+    result = estimator.evaluate(vit_task, shard)
+    assert result.nonfinite == 1
+    assert all(torch.isfinite(g).all() for g in result.grads.values())
+
+
+def test_batch_weights_divide_by_each_datapoints_count():
+    weights = batch_weights(np.array([1, 2, 4]))
+    np.testing.assert_allclose(weights, [1 / 3, 1 / 6, 1 / 12])
+    with pytest.raises(ValueError, match="at least one sample"):
+        batch_weights(np.array([1, 0]))
+
+
+@pytest.mark.parametrize("kwargs", [{"name": "lr", "sigma": 0.0}, {"name": "spsa", "epsilon": -1.0}])
+def test_non_positive_perturbation_scale_is_rejected(kwargs):
+    with pytest.raises(ValueError, match="must be > 0"):
+        create_estimator(**kwargs)
