@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fqa.config import Config, with_overrides
-from fqa.setup import BatchSampler, build_optimizer, build_task
+from fqa.setup import BatchSampler, build_optimizer, build_task, set_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def train_backprop(task, config: Config, steps: int, progress: bool = True, labe
         with torch.enable_grad():
             loss = task.backprop_loss(sampler.batch(step))
             loss.backward()
+        set_learning_rate(optimizer, config, step)
         optimizer.step()
     test = task.evaluate("test")
     return {
@@ -70,7 +71,7 @@ def pretrain_config(config: Config) -> Config:
 def ensure_pretrained(config: Config, progress: bool = True) -> Path:
     """Pretrain the backbone on the source classes once; later runs reuse the cached file."""
     source = pretrain_config(config)
-    key = source.fingerprint() + "-" + "-".join(map(str, (config.pretrain.epochs, config.pretrain.lr)))
+    key = source.fingerprint(("run.seed", "data", "model", "pretrain"))
     path = Path(config.pretrain.cache_dir) / f"pretrain-{key}.safetensors"
     if path.is_file():
         return path

@@ -60,9 +60,11 @@ class TrainableConfig(_Section):
     # transformer blocks + final norm + head; lora: low-rank adapters on the attention
     # and MLP Linear layers of every block, plus the head.
     mode: Literal["full", "head", "last_blocks", "lora"] = "last_blocks"
-    blocks: int = Field(1, ge=1)  # for last_blocks
+    blocks: int = Field(1, ge=1)  # last_blocks: blocks trained; lora: see lora_all_blocks
     lora_rank: int = Field(4, ge=1)  # for lora
     lora_alpha: float = Field(8.0, gt=0)  # lora scale = alpha / rank
+    lora_all_blocks: bool = True  # lora: adapt every block (False: only the last `blocks`)
+    lora_fixed_up: bool = False  # lora: B fixed random, only A trains (noise at rank r only)
 
 
 class EstimatorConfig(_Section):
@@ -87,6 +89,7 @@ class TrainConfig(_Section):
     queries_per_datapoint: int = Field(8, ge=1)  # perturbed queries per datapoint on average
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = Field(1e-3, gt=0)  # step size
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # step size decay to 0
     momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(None, gt=0)  # clip the estimated gradient's norm
@@ -171,10 +174,18 @@ class Config(_Section):
         per_sample = queries_per_sample(self.estimator)
         return self.train.batch_size * self.train.queries_per_datapoint // per_sample
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(
-            json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        ).hexdigest()[:16]
+    def fingerprint(self, fields: tuple[str, ...] | None = None) -> str:
+        """A short hash of the config, or of only the named (dotted) sections/fields."""
+        data = self.model_dump(mode="json")
+        if fields is not None:
+            picked = {}
+            for dotted in fields:
+                node = data
+                for part in dotted.split("."):
+                    node = node[part]
+                picked[dotted] = node
+            data = picked
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def queries_per_sample(estimator: EstimatorConfig) -> int:

@@ -7,6 +7,7 @@ cluster's workers, so every path builds exactly the same objects.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -67,6 +68,23 @@ def build_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.o
     if train.optimizer == "adam":
         return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: Config, step: int) -> float:
+    """The schedule as a pure function of the step (nothing extra to checkpoint).
+
+    A decaying step size lowers the noise floor that a noisy gradient estimate leaves.
+    """
+    train = config.train
+    progress = min(step / train.steps, 1.0)
+    factor = {
+        "constant": 1.0,
+        "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+        "linear": 1.0 - progress,
+    }[train.schedule]
+    for group in optimizer.param_groups:
+        group["lr"] = train.lr * factor
+    return train.lr * factor
 
 
 class BatchSampler:

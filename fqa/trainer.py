@@ -24,7 +24,14 @@ from fqa.config import Config
 from fqa.estimators import Shard, ShardResult
 from fqa.plots import plot_run
 from fqa.seeding import derive_seed
-from fqa.setup import BatchSampler, build_allocator, build_estimator, build_optimizer, build_task
+from fqa.setup import (
+    BatchSampler,
+    build_allocator,
+    build_estimator,
+    build_optimizer,
+    build_task,
+    set_learning_rate,
+)
 from fqa.stats import DatapointStats
 from fqa.tasks.models import CheckpointError
 
@@ -109,6 +116,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.skipped_in_a_row = 0
+            set_learning_rate(self.optimizer, self.config, plan.step)
             if self.config.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, self.config.train.grad_clip)
             self.optimizer.step()

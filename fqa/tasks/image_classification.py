@@ -97,7 +97,14 @@ def build_image_task(
     if config.model.checkpoint:
         load_weights(model, config.model.checkpoint, reset_head=config.model.reset_head)
     if config.trainable.mode == "lora":
-        add_lora(model, config.trainable.lora_rank, config.trainable.lora_alpha)
+        trainable = config.trainable
+        add_lora(
+            model,
+            trainable.lora_rank,
+            trainable.lora_alpha,
+            trainable.lora_fixed_up,
+            None if trainable.lora_all_blocks else trainable.blocks,
+        )
     names = select_trainable(model, config.trainable.mode, config.trainable.blocks)
     if not names:
         raise ValueError("no trainable parameters selected; check trainable.mode")

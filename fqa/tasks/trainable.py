@@ -9,19 +9,27 @@ from torch import nn
 
 
 class LoRALinear(nn.Module):
-    """A frozen Linear plus a trainable low-rank update ``scale * B(A(x))``.
+    """A frozen Linear plus a low-rank update ``scale * B(A(x))``.
 
     A and B are plain ``nn.Linear`` modules, so the LR estimator's forward hooks see
-    them like any other Linear layer. B starts at zero: the model is unchanged at start.
+    them like any other Linear layer. One factor starts at zero, so the model is
+    unchanged at start. With ``fixed_up`` the up-projection B is a fixed random matrix
+    and only A (zero-initialised) trains: noise then enters only at the rank-r
+    bottleneck, which keeps the LR estimator's variance small (METHOD.md §2).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, fixed_up: bool = False) -> None:
         super().__init__()
         self.base = base
         self.lora_a = nn.Linear(base.in_features, rank, bias=False)
         self.lora_b = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_b.weight)
+        self.fixed_up = fixed_up
+        if fixed_up:
+            nn.init.zeros_(self.lora_a.weight)
+            nn.init.normal_(self.lora_b.weight, std=1.0 / math.sqrt(rank))
+        else:
+            nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_b.weight)
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,10 +46,13 @@ def _blocks(model: nn.Module) -> nn.Sequential | nn.ModuleList:
     return blocks
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float) -> int:
-    """Wrap every Linear inside the blocks (attention and MLP) with a LoRA adapter."""
+def add_lora(
+    model: nn.Module, rank: int, alpha: float, fixed_up: bool = False, blocks: int | None = None
+) -> int:
+    """Wrap every Linear inside the last ``blocks`` blocks (all if None) with a LoRA adapter."""
     wrapped = 0
-    for block in _blocks(model):
+    all_blocks = list(_blocks(model))
+    for block in all_blocks[-blocks:] if blocks else all_blocks:
         targets = [
             (parent, name, child)
             for parent in block.modules()
@@ -49,7 +60,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float) -> int:
             if isinstance(child, nn.Linear)
         ]
         for parent, name, child in targets:
-            setattr(parent, name, LoRALinear(child, rank, alpha))
+            setattr(parent, name, LoRALinear(child, rank, alpha, fixed_up))
             wrapped += 1
     return wrapped
 
@@ -76,5 +87,5 @@ def select_trainable(model: nn.Module, mode: str, blocks: int = 1) -> list[str]:
         for module in model.modules():
             if isinstance(module, LoRALinear):
                 module.lora_a.requires_grad_(True)
-                module.lora_b.requires_grad_(True)
+                module.lora_b.requires_grad_(not module.fixed_up)
     return [name for name, param in model.named_parameters() if param.requires_grad]
