@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 BACKPROP_FORWARD_EQUIVALENTS = 3
 
 
-def train_backprop(task, config: Config, steps: int, progress: bool = True, label: str = "backprop") -> dict:
+def train_backprop(
+    task, config: Config, steps: int, progress: bool = True, label: str = "backprop"
+) -> dict:
     """Fine-tune the task's trainable parameters with autograd; returns metrics."""
     params = [p for _, p in task.trainable_parameters()]
     optimizer = build_optimizer(config, params)
@@ -77,12 +79,17 @@ def ensure_pretrained(config: Config, progress: bool = True) -> Path:
         return path
     task = build_task(source)
     steps_per_epoch = max(1, len(task.train_ids()) // source.train.batch_size)
-    metrics = train_backprop(task, source, config.pretrain.epochs * steps_per_epoch, progress, "pretrain")
-    log.info("pretrained on classes %s: test accuracy %.3f", config.pretrain.classes, metrics["test_accuracy"])
+    metrics = train_backprop(
+        task, source, config.pretrain.epochs * steps_per_epoch, progress, "pretrain"
+    )
+    log.info(
+        "pretrained on classes %s: test accuracy %.3f",
+        config.pretrain.classes,
+        metrics["test_accuracy"],
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in task.model.state_dict().items()}, str(tmp))
     tmp.replace(path)
     path.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
     return path
-

@@ -32,7 +32,9 @@ def _flat_grad(params) -> torch.Tensor:
 
 
 def _estimate(trainer: Trainer, ids, counts, baselines, seed: int) -> torch.Tensor:
-    shards = trainer.estimator.plan(ids, counts, baselines, seed, trainer.config.estimator.shard_rows)
+    shards = trainer.estimator.plan(
+        ids, counts, baselines, seed, trainer.config.estimator.shard_rows
+    )
     results = [trainer.estimator.evaluate(trainer.task, s) for s in shards]
     trainer.estimator.write_grad(trainer.task, shards, results)
     return _flat_grad(trainer.params), results
@@ -55,14 +57,30 @@ def true_variances(trainer: Trainer, ids, baselines, samples: int) -> np.ndarray
             v[i] = (g_i.numel() + 1) * float(g_i @ g_i)
             continue
         errors = [
-            float(((_estimate(trainer, np.array([point]), np.array([1]), baselines[i : i + 1], 10_000 + k)[0] - g_i) ** 2).sum())
+            float(
+                (
+                    (
+                        _estimate(
+                            trainer,
+                            np.array([point]),
+                            np.array([1]),
+                            baselines[i : i + 1],
+                            10_000 + k,
+                        )[0]
+                        - g_i
+                    )
+                    ** 2
+                ).sum()
+            )
             for k in range(samples)
         ]
         v[i] = np.mean(errors)
     return v
 
 
-def learn_allocators(trainer: Trainer, steps: int, progress: bool) -> tuple[DatapointStats, dict, float]:
+def learn_allocators(
+    trainer: Trainer, steps: int, progress: bool
+) -> tuple[DatapointStats, dict, float]:
     """Gather statistics and fit the gaussian allocator on other batches of the fixed model.
 
     Returns the statistics, the gaussian allocator's state and the allocation overhead
@@ -74,10 +92,14 @@ def learn_allocators(trainer: Trainer, steps: int, progress: bool) -> tuple[Data
         plan = trainer.plan_step(step)
         results = trainer.evaluate_shards(plan)
         learn_started = time.perf_counter()
-        trainer._learn(plan, results)
-        allocator_seconds += plan.plan_seconds + time.perf_counter() - learn_started
+        trainer.planner.learn(plan.planned, results)
+        allocator_seconds += plan.planned.seconds + time.perf_counter() - learn_started
         step_seconds += time.perf_counter() - started
-    return trainer.stats, trainer.allocator.state_dict(), allocator_seconds / max(step_seconds, 1e-12)
+    return (
+        trainer.stats,
+        trainer.allocator.state_dict(),
+        allocator_seconds / max(step_seconds, 1e-12),
+    )
 
 
 def run_one_estimator(args, estimator: str) -> dict:
@@ -95,7 +117,9 @@ def run_one_estimator(args, estimator: str) -> dict:
     if args.quick:
         overrides.update({"train.batch_size": 8, "pretrain.epochs": 1})
     config = load_config(args.config, overrides)
-    config = with_overrides(config, {"model.checkpoint": str(ensure_pretrained(config, not args.quick))})
+    config = with_overrides(
+        config, {"model.checkpoint": str(ensure_pretrained(config, not args.quick))}
+    )
     trainer = Trainer(config)
     # "partially trained": a few backpropagation steps so per-datapoint gradients differ
     train_backprop(trainer.task, config, 5 if args.quick else 60, progress=False)
@@ -120,8 +144,14 @@ def run_one_estimator(args, estimator: str) -> dict:
             per_rep = []
             for rep in range(args.reps):
                 request = AllocationRequest(
-                    ids=ids, losses=baselines, budget=budget * len(ids), n_min=1, seed=rep,
-                    variance=estimated, observations=count, oracle_variance=v_true,
+                    ids=ids,
+                    losses=baselines,
+                    budget=budget * len(ids),
+                    n_min=1,
+                    seed=rep,
+                    variance=estimated,
+                    observations=count,
+                    oracle_variance=v_true,
                 )
                 counts = allocator.allocate(request).counts
                 estimate, _ = _estimate(trainer, ids, counts, baselines, 1_000_000 + rep)
@@ -131,13 +161,27 @@ def run_one_estimator(args, estimator: str) -> dict:
         oracle_reduction = 1 - errors["oracle"] / uniform
         for name in ALLOCATORS:
             reduction = 1 - errors[name] / uniform
-            rows.append({
-                "estimator": estimator, "budget": budget, "allocator": name, "error": errors[name],
-                "relative_to_uniform": errors[name] / uniform,
-                "share_of_oracle_reduction": reduction / oracle_reduction if oracle_reduction > 0 else float("nan"),
-            })
-    return {"estimator": estimator, "gain_star": gain_star, "allocation_overhead": overhead, "rows": rows,
-            "batch_size": len(ids), "trainable": args.trainable, "reps": args.reps}
+            rows.append(
+                {
+                    "estimator": estimator,
+                    "budget": budget,
+                    "allocator": name,
+                    "error": errors[name],
+                    "relative_to_uniform": errors[name] / uniform,
+                    "share_of_oracle_reduction": reduction / oracle_reduction
+                    if oracle_reduction > 0
+                    else float("nan"),
+                }
+            )
+    return {
+        "estimator": estimator,
+        "gain_star": gain_star,
+        "allocation_overhead": overhead,
+        "rows": rows,
+        "batch_size": len(ids),
+        "trainable": args.trainable,
+        "reps": args.reps,
+    }
 
 
 def run_variance_bench(args) -> dict:
@@ -161,7 +205,9 @@ def format_report(report: dict) -> str:
             f"{result['reps']} reps): theoretical Neyman gain G* = {result['gain_star']:.2f}; "
             f"allocation overhead {100 * result['allocation_overhead']:.2f}% of step time"
         )
-        lines.append(f"  {'budget':>6} {'allocator':<10} {'error':>11} {'vs uniform':>10} {'of oracle gain':>15}")
+        lines.append(
+            f"  {'budget':>6} {'allocator':<10} {'error':>11} {'vs uniform':>10} {'of oracle gain':>15}"
+        )
         for row in result["rows"]:
             lines.append(
                 f"  {row['budget']:>6} {row['allocator']:<10} {row['error']:>11.4g} "
@@ -177,8 +223,13 @@ def _plot(report: dict, path: Path) -> None:
         for name in ALLOCATORS:
             rows = [r for r in result["rows"] if r["allocator"] == name]
             ax.plot([r["budget"] for r in rows], [r["error"] for r in rows], marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="queries per datapoint", ylabel="E‖ĝ − g‖²",
-               title=f"{result['estimator']} ({result['trainable']})")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="queries per datapoint",
+            ylabel="E‖ĝ − g‖²",
+            title=f"{result['estimator']} ({result['trainable']})",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

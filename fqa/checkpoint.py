@@ -29,7 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from fqa.tasks.models import CheckpointError
 
-_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "stats.parquet", "state.json")
+_FILES = (
+    "model.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "stats.parquet",
+    "state.json",
+)
 
 
 @dataclass
@@ -132,7 +138,9 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def load_checkpoint(path: Path) -> CheckpointData:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {path} has no manifest.json; it is incomplete — delete it")
+        raise CheckpointError(
+            f"checkpoint {path} has no manifest.json; it is incomplete — delete it"
+        )
     manifest = json.loads(manifest_path.read_text())
     for name, digest in manifest.items():
         file = path / name
@@ -143,7 +151,8 @@ def load_checkpoint(path: Path) -> CheckpointData:
             )
     try:
         optimizer = _unflatten_optimizer(
-            load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+            load_file(str(path / "optimizer.safetensors")),
+            json.loads((path / "optimizer.json").read_text()),
         )
         return CheckpointData(
             model=load_file(str(path / "model.safetensors")),
@@ -156,7 +165,9 @@ def load_checkpoint(path: Path) -> CheckpointData:
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
+) -> list[str]:
     """Dotted names of the config fields whose values differ."""
     fields = []
     for key in sorted(set(saved) | set(current)):

@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 
     train = commands.add_parser("train", help="run a training job from a YAML config")
     train.add_argument("config", help="YAML config, e.g. jobs/configs/vit_digits.yaml")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
+    )
     train.add_argument("--no-compare", action="store_true", help="skip the comparison runs")
 
     data = commands.add_parser("data", help="dataset utilities")
@@ -38,17 +40,27 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    variance = bench_commands.add_parser("variance", help="gradient-estimator variance per allocator")
+    variance = bench_commands.add_parser(
+        "variance", help="gradient-estimator variance per allocator"
+    )
     variance.add_argument("--config", default="jobs/configs/vit_digits.yaml")
     variance.add_argument("--estimator", default="both", choices=["lr", "spsa", "both"])
-    variance.add_argument("--trainable", default="last_blocks", choices=["head", "last_blocks", "lora", "full"])
-    variance.add_argument("--budgets", default="2,4,8,16", help="samples per datapoint, comma separated")
+    variance.add_argument(
+        "--trainable", default="last_blocks", choices=["head", "last_blocks", "lora", "full"]
+    )
+    variance.add_argument(
+        "--budgets", default="2,4,8,16", help="samples per datapoint, comma separated"
+    )
     variance.add_argument("--reps", type=int, default=50)
-    variance.add_argument("--learn-steps", type=int, default=200, help="steps to learn allocator parameters")
+    variance.add_argument(
+        "--learn-steps", type=int, default=200, help="steps to learn allocator parameters"
+    )
     variance.add_argument("--out", default="runs/bench/variance")
     variance.add_argument("--quick", action="store_true", help="tiny settings for tests")
 
-    efficiency = bench_commands.add_parser("efficiency", help="queries to reach the best uniform accuracy")
+    efficiency = bench_commands.add_parser(
+        "efficiency", help="queries to reach the best uniform accuracy"
+    )
     efficiency.add_argument("--config", default="jobs/configs/vit_digits.yaml")
     efficiency.add_argument("--total-queries", type=int, default=172_800, help="per run")
     efficiency.add_argument("--seeds", type=int, default=1)

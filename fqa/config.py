@@ -224,7 +224,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, got {type(data).__name__}"
+        )
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
     return parse_config(data)

@@ -18,7 +18,9 @@ def run_experiment(config: Config) -> dict[str, Any]:
     progress = config.train.progress
     if config.pretrain.enabled and not config.model.checkpoint:
         checkpoint = ensure_pretrained(config, progress)
-        config = with_overrides(config, {"model.checkpoint": str(checkpoint), "pretrain.enabled": False})
+        config = with_overrides(
+            config, {"model.checkpoint": str(checkpoint), "pretrain.enabled": False}
+        )
 
     results = [Trainer(config).fit()]
     curves = {f"{config.estimator.name}/{config.allocator.name}": _metrics(config)}
@@ -26,7 +28,12 @@ def run_experiment(config: Config) -> dict[str, Any]:
         if allocator == config.allocator.name:
             continue
         other = with_overrides(
-            config, {"allocator.name": allocator, "allocator.kwargs": {}, "run.name": f"{config.run.name}-{allocator}"}
+            config,
+            {
+                "allocator.name": allocator,
+                "allocator.kwargs": {},
+                "run.name": f"{config.run.name}-{allocator}",
+            },
         )
         results.append(Trainer(other).fit())
         curves[f"{config.estimator.name}/{allocator}"] = _metrics(other)
@@ -48,7 +55,9 @@ def _metrics(config: Config) -> Path:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'run':<28} {'estimator':<9} {'allocator':<9} {'steps':>6} {'queries':>10} {'test acc':>9}"]
+    lines = [
+        f"{'run':<28} {'estimator':<9} {'allocator':<9} {'steps':>6} {'queries':>10} {'test acc':>9}"
+    ]
     for r in results:
         lines.append(
             f"{r['run']:<28} {r['estimator']:<9} {r['allocator']:<9} {r['steps']:>6} {r['queries']:>10} "

@@ -33,10 +33,19 @@ def plot_runs(runs: dict[str, Path], out: Path, title: str = "") -> Path | None:
         queries = [r["queries"] for r in records]
         loss = [r["loss"] for r in records]
         window = max(1, len(loss) // 30)
-        smooth = [sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1]) for i in range(len(loss))]
+        smooth = [
+            sum(loss[max(0, i - window + 1) : i + 1]) / len(loss[max(0, i - window + 1) : i + 1])
+            for i in range(len(loss))
+        ]
         ax_loss.plot(queries, smooth, label=label)
         evals = [r for r in records if "val_accuracy" in r]
-        ax_acc.plot([r["queries"] for r in evals], [r["val_accuracy"] for r in evals], marker="o", ms=3, label=label)
+        ax_acc.plot(
+            [r["queries"] for r in evals],
+            [r["val_accuracy"] for r in evals],
+            marker="o",
+            ms=3,
+            label=label,
+        )
     if not drawn:
         plt.close(fig)
         return None

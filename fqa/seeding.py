@@ -14,4 +14,6 @@ _PURPOSES = {"batch": 1, "allocation": 2, "queries": 3, "direction": 4}
 def derive_seed(seed: int, purpose: str, *indices: int) -> int:
     """A 63-bit seed that is a pure function of its arguments."""
     entropy = [int(seed), _PURPOSES[purpose], *map(int, indices)]
-    return int(np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1
+    )

@@ -43,7 +43,11 @@ def build_task(config: Config) -> ImageClassificationTask:
 def build_estimator(config: Config, task) -> Estimator:
     est = config.estimator
     estimator = create_estimator(
-        est.name, epsilon=est.epsilon, sigma=est.sigma, antithetic=est.antithetic, hook_conv=est.hook_conv
+        est.name,
+        epsilon=est.epsilon,
+        sigma=est.sigma,
+        antithetic=est.antithetic,
+        hook_conv=est.hook_conv,
     )
     if est.name == "lr":
         # LR estimates only the weights of the layers it injects noise into; freeze the
@@ -64,7 +68,9 @@ def build_allocator(config: Config):
 def build_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     train = config.train
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+        return torch.optim.SGD(
+            params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
+        )
     if train.optimizer == "adam":
         return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
@@ -103,5 +109,7 @@ class BatchSampler:
 
     def batch(self, step: int) -> np.ndarray:
         epoch, index = divmod(step, self.per_epoch)
-        order = np.random.default_rng(derive_seed(self.seed, "batch", epoch)).permutation(len(self.ids))
+        order = np.random.default_rng(derive_seed(self.seed, "batch", epoch)).permutation(
+            len(self.ids)
+        )
         return self.ids[order[index * self.batch_size : (index + 1) * self.batch_size]]

@@ -15,30 +15,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from fqa.allocators import Allocation, AllocationRequest
 from fqa.checkpoint import config_differences, latest_checkpoint, load_checkpoint, save_checkpoint
 from fqa.config import Config
 from fqa.estimators import Shard, ShardResult
 from fqa.plots import plot_run
-from fqa.seeding import derive_seed
-from fqa.setup import (
-    BatchSampler,
-    build_allocator,
-    build_estimator,
-    build_optimizer,
-    build_task,
-    set_learning_rate,
-)
+from fqa.setup import BatchSampler, build_allocator, build_estimator, build_optimizer, build_task
 from fqa.stats import DatapointStats
+from fqa.step import Planned, QueryPlanner, ReplicaUpdater, step_metrics
 from fqa.tasks.models import CheckpointError
 
 log = logging.getLogger(__name__)
 
 # config fields that may change between a run and its resumption
-_RESUMABLE_CHANGES = ("run.", "train.steps", "train.progress", "train.eval_every", "train.checkpoint_every", "compare.")
+_RESUMABLE_CHANGES = (
+    "run.",
+    "train.steps",
+    "train.progress",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "compare.",
+)
 
 
 class TrainingError(RuntimeError):
@@ -50,10 +48,11 @@ class StepPlan:
     step: int
     ids: np.ndarray
     prepass: dict[str, np.ndarray]
-    request: AllocationRequest
-    allocation: Allocation
-    shards: list[Shard]
-    plan_seconds: float  # pre-pass excluded: allocation + sharding only
+    planned: Planned
+
+    @property
+    def shards(self) -> list[Shard]:
+        return self.planned.shards
 
 
 class Trainer:
@@ -62,12 +61,14 @@ class Trainer:
         self.run_dir = Path(config.run.out_dir) / config.run.name
         self.task = task if task is not None else build_task(config)
         self.estimator = build_estimator(config, self.task)
-        self.allocator = build_allocator(config)
-        self.stats = DatapointStats(config.allocator.stats_decay)
+        self.variance_scale = self.estimator.variance_scale(self.task)
+        self.planner = QueryPlanner(
+            config, self.estimator, build_allocator(config), self.variance_scale
+        )
         self.params = [p for _, p in self.task.trainable_parameters()]
         self.optimizer = build_optimizer(config, self.params)
+        self.updater = ReplicaUpdater(config, self.task, self.estimator, self.optimizer)
         self.sampler = BatchSampler(self.task.train_ids(), config.train.batch_size, config.run.seed)
-        self.variance_scale = self.estimator.variance_scale(self.task)
         self.step = 0
         self.queries = 0  # every forward evaluation of one datapoint, pre-pass included
         self.skipped_in_a_row = 0
@@ -75,27 +76,19 @@ class Trainer:
         if config.run.resume:
             self._maybe_resume()
 
+    @property
+    def allocator(self):
+        return self.planner.allocator
+
+    @property
+    def stats(self) -> DatapointStats:
+        return self.planner.stats
+
     # ---- one step -------------------------------------------------------------------
     def plan_step(self, step: int) -> StepPlan:
-        cfg = self.config
         ids = self.sampler.batch(step)
         prepass = self.task.prepass(ids)  # B queries: baselines, allocator input, train metrics
-        started = time.perf_counter()
-        count, _, second_moment = self.stats.lookup(ids)
-        request = AllocationRequest(
-            ids=ids,
-            losses=prepass["loss"],
-            budget=cfg.sample_budget(),
-            n_min=cfg.allocator.n_min,
-            seed=derive_seed(cfg.run.seed, "allocation", step),
-            variance=second_moment * self.variance_scale,
-            observations=count,
-        )
-        allocation = self.allocator.allocate(request)
-        shards = self.estimator.plan(
-            ids, allocation.counts, prepass["loss"], derive_seed(cfg.run.seed, "queries", step), cfg.estimator.shard_rows
-        )
-        return StepPlan(step, ids, prepass, request, allocation, shards, time.perf_counter() - started)
+        return StepPlan(step, ids, prepass, self.planner.plan(step, ids, prepass["loss"]))
 
     def evaluate_shards(self, plan: StepPlan) -> list[ShardResult]:
         return [self.estimator.evaluate(self.task, shard) for shard in plan.shards]
@@ -103,71 +96,38 @@ class Trainer:
     def apply_step(self, plan: StepPlan, results: list[ShardResult]) -> dict[str, Any]:
         """Reduce, step the optimizer (unless anything is non-finite), learn, report."""
         started = time.perf_counter()
-        queries = len(plan.ids) + sum(r.queries for r in results)
-        self.queries += queries
-        nonfinite = sum(r.nonfinite for r in results) + int((~np.isfinite(plan.prepass["loss"])).sum())
-        self.estimator.write_grad(self.task, plan.shards, results)
-        grad_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.params)))
-        skipped = nonfinite > 0 or not np.isfinite(grad_norm)
-        if skipped:
-            # a non-finite query never reaches the parameters: the whole step is dropped
-            self.nonfinite_total += max(nonfinite, 1)
+        self.queries += len(plan.ids) + sum(r.queries for r in results)
+        prepass_nonfinite = int((~np.isfinite(plan.prepass["loss"])).sum())
+        outcome = self.updater.apply(plan.step, plan.shards, results, prepass_nonfinite)
+        if outcome.skipped:
+            # a non-finite query never reaches the parameters or the statistics
+            self.nonfinite_total += max(outcome.nonfinite, 1)
             self.skipped_in_a_row += 1
-            self.optimizer.zero_grad(set_to_none=True)
+            learned = {}
         else:
             self.skipped_in_a_row = 0
-            set_learning_rate(self.optimizer, self.config, plan.step)
-            if self.config.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.config.train.grad_clip)
-            self.optimizer.step()
-        alloc_metrics = {} if skipped else self._learn(plan, results)
-        counts = plan.allocation.counts
+            learned = self.planner.learn(plan.planned, results)
         metrics = {
-            "step": plan.step,
+            **step_metrics(plan.planned, plan.prepass, results, outcome, self.variance_scale),
             "queries": self.queries,
-            "loss": float(np.mean(plan.prepass["loss"])),
-            "accuracy": float(np.mean(plan.prepass["correct"])),
-            "grad_norm": grad_norm,
-            "grad_var": self._variance_estimate(plan, results),
-            "alloc_min": int(counts.min()),
-            "alloc_max": int(counts.max()),
-            "alloc_cv": float(counts.std() / counts.mean()),
-            "nonfinite": nonfinite,
-            "skipped": skipped,
-            "plan_seconds": plan.plan_seconds,
             "apply_seconds": time.perf_counter() - started,
-            **alloc_metrics,
+            **learned,
         }
         self.step = plan.step + 1
         return metrics
-
-    def _learn(self, plan: StepPlan, results: list[ShardResult]) -> dict[str, float]:
-        """Statistics from this step's samples, then the allocator learns from them."""
-        started = time.perf_counter()
-        for result in results:
-            self.stats.update(result.ids, result.stat_values)
-        _, _, second_moment = self.stats.lookup(plan.ids)
-        update = self.allocator.update(plan.request, plan.allocation, second_moment * self.variance_scale)
-        return {**{f"alloc_{k}": v for k, v in update.items()}, "learn_seconds": time.perf_counter() - started}
-
-    def _variance_estimate(self, plan: StepPlan, results: list[ShardResult]) -> float:
-        """(1/B²) Σ_i mean_k(‖ĝ_ik‖²)/n_i from this step's samples (METHOD.md §3)."""
-        ids = np.concatenate([r.ids for r in results])
-        sq = np.concatenate([r.stat_values for r in results]) ** 2 * self.variance_scale
-        order = {int(i): k for k, i in enumerate(plan.ids)}
-        per_point = np.zeros(len(plan.ids))
-        np.add.at(per_point, [order[int(i)] for i in ids], sq)
-        counts = plan.allocation.counts
-        return float(np.sum(per_point / counts**2) / len(counts) ** 2)
 
     # ---- the loop ---------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.config.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=1))
+        (self.run_dir / "config.json").write_text(
+            json.dumps(self.config.model_dump(mode="json"), indent=1)
+        )
         metrics_path = self.run_dir / "metrics.jsonl"
         _truncate_metrics(metrics_path, self.step)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=self.config.run.name)
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=self.config.run.name
+        )
         with open(metrics_path, "a") as sink:
             while self.step < cfg.steps:
                 step_started = time.perf_counter()
@@ -175,7 +135,9 @@ class Trainer:
                 metrics = self.apply_step(plan, self.evaluate_shards(plan))
                 metrics["step_seconds"] = time.perf_counter() - step_started
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    metrics.update({f"val_{k}": v for k, v in self.task.evaluate("validation").items()})
+                    metrics.update(
+                        {f"val_{k}": v for k, v in self.task.evaluate("validation").items()}
+                    )
                 sink.write(json.dumps(metrics) + "\n")
                 sink.flush()
                 bar.update(1)
@@ -209,7 +171,9 @@ class Trainer:
             "nonfinite": self.nonfinite_total,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", title=self.config.run.name)
+        plot_run(
+            self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", title=self.config.run.name
+        )
         return summary
 
     # ---- checkpoints --------------------------------------------------------------------
@@ -218,11 +182,16 @@ class Trainer:
             "queries": self.queries,
             "skipped_in_a_row": self.skipped_in_a_row,
             "nonfinite_total": self.nonfinite_total,
-            "allocator": self.allocator.state_dict(),
+            **self.planner.state(),
             "config": self.config.model_dump(mode="json"),
         }
         return save_checkpoint(
-            self.run_dir / "checkpoints", self.step, self.task.model, self.optimizer, self.stats, state
+            self.run_dir / "checkpoints",
+            self.step,
+            self.task.model,
+            self.optimizer,
+            self.stats,
+            state,
         )
 
     def _maybe_resume(self) -> None:
@@ -244,8 +213,9 @@ class Trainer:
             )
         self.task.model.load_state_dict(data.model)
         self.optimizer.load_state_dict(data.optimizer)
-        self.stats = DatapointStats.load(data.stats_path, self.config.allocator.stats_decay)
-        self.allocator.load_state_dict(data.state["allocator"])
+        self.planner.load_state(
+            data.state, DatapointStats.load(data.stats_path, self.config.allocator.stats_decay)
+        )
         self.step = data.state["step"]
         self.queries = data.state["queries"]
         self.skipped_in_a_row = data.state["skipped_in_a_row"]
@@ -257,5 +227,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records past the resumed step, so every step index appears exactly once."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step
+    ]
     path.write_text("".join(line + "\n" for line in kept))

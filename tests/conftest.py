@@ -13,7 +13,14 @@ from fqa.config import parse_config  # noqa: E402
 from fqa.data import prepare_digits  # noqa: E402
 from fqa.tasks.base import Task  # noqa: E402
 
-TINY_VIT = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2, "num_heads": 2}
+TINY_VIT = {
+    "img_size": 16,
+    "patch_size": 4,
+    "in_chans": 1,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+}
 
 
 class TensorTask(Task):
@@ -30,7 +37,10 @@ class TensorTask(Task):
         with torch.inference_mode():
             logits = self.model(self.x[ids])
             loss = F.cross_entropy(logits, self.y[ids], reduction="none")
-        return {"loss": loss.double().numpy(), "correct": (logits.argmax(-1) == self.y[ids]).numpy()}
+        return {
+            "loss": loss.double().numpy(),
+            "correct": (logits.argmax(-1) == self.y[ids]).numpy(),
+        }
 
     def evaluate(self, split):
         return {}
@@ -93,8 +103,14 @@ def tiny_config(digits_dir, tmp_path):
             "trainable": {"mode": "last_blocks", "blocks": 1},
             "estimator": {"name": "lr", "sigma": 0.1},
             "allocator": {"name": "uniform"},
-            "train": {"steps": 6, "batch_size": 16, "queries_per_datapoint": 4, "eval_every": 3,
-                      "checkpoint_every": 3, "progress": False},
+            "train": {
+                "steps": 6,
+                "batch_size": 16,
+                "queries_per_datapoint": 4,
+                "eval_every": 3,
+                "checkpoint_every": 3,
+                "progress": False,
+            },
         }
         for section, values in sections.items():
             data.setdefault(section, {}).update(values)

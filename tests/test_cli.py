@@ -16,7 +16,13 @@ def _write_config(path, digits_dir, out_dir, **extra):
         "model": {"kwargs": TINY_VIT},
         "trainable": {"mode": "head"},
         "allocator": {"name": "gaussian"},
-        "train": {"steps": 4, "batch_size": 16, "queries_per_datapoint": 4, "eval_every": 2, "progress": False},
+        "train": {
+            "steps": 4,
+            "batch_size": 16,
+            "queries_per_datapoint": 4,
+            "eval_every": 2,
+            "progress": False,
+        },
         "pretrain": {"enabled": True, "epochs": 1, "cache_dir": str(out_dir / "cache")},
         "compare": {"backprop": True, "allocators": ["uniform"]},
         **extra,
@@ -29,7 +35,9 @@ def test_data_prepare_writes_parquet_splits(tmp_path, capsys):
     assert main(["data", "prepare", "digits", "--out", str(tmp_path / "d")]) == 0
     written = json.loads(capsys.readouterr().out)
     assert set(written) >= {"train", "validation", "test"}
-    assert all((tmp_path / "d" / f"{split}.parquet").is_file() for split in ("train", "validation", "test"))
+    assert all(
+        (tmp_path / "d" / f"{split}.parquet").is_file() for split in ("train", "validation", "test")
+    )
 
 
 def test_train_runs_the_main_job_with_its_comparisons(tmp_path, digits_dir, capsys):
@@ -52,7 +60,9 @@ def test_train_runs_the_main_job_with_its_comparisons(tmp_path, digits_dir, caps
         ("data.dataset=parquet", "missing split files"),
     ],
 )
-def test_train_refuses_bad_input_with_one_clear_error(tmp_path, digits_dir, capsys, override, message):
+def test_train_refuses_bad_input_with_one_clear_error(
+    tmp_path, digits_dir, capsys, override, message
+):
     config = _write_config(tmp_path / "c.yaml", digits_dir, tmp_path / "runs")
     if override.startswith("data.dataset"):
         override_args = ["--set", override, "--set", f"data.dir={tmp_path / 'nowhere'}"]
@@ -65,11 +75,24 @@ def test_train_refuses_bad_input_with_one_clear_error(tmp_path, digits_dir, caps
 
 @pytest.mark.slow
 def test_variance_benchmark_quick(tmp_path, digits_dir, capsys):
-    config = _write_config(tmp_path / "c.yaml", digits_dir, tmp_path / "runs", trainable={"mode": "last_blocks"})
-    assert main(["bench", "variance", "--quick", "--config", str(config), "--out", str(tmp_path / "bv")]) == 0
+    config = _write_config(
+        tmp_path / "c.yaml", digits_dir, tmp_path / "runs", trainable={"mode": "last_blocks"}
+    )
+    assert (
+        main(
+            ["bench", "variance", "--quick", "--config", str(config), "--out", str(tmp_path / "bv")]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "bv" / "variance.json").read_text())
     rows = report["results"][0]["rows"]
-    assert {r["allocator"] for r in rows} == {"uniform", "bernoulli", "neyman", "gaussian", "oracle"}
+    assert {r["allocator"] for r in rows} == {
+        "uniform",
+        "bernoulli",
+        "neyman",
+        "gaussian",
+        "oracle",
+    }
     assert all(r["error"] > 0 for r in rows)
     assert (tmp_path / "bv" / "variance.png").is_file()
     assert "allocation overhead" in capsys.readouterr().out

@@ -38,11 +38,15 @@ def test_bad_config_names_field_and_fix(data, expected):
 
 def test_defaults_are_valid():
     config = parse_config({})
-    assert config.sample_budget() == config.train.batch_size * config.train.queries_per_datapoint // 2
+    assert (
+        config.sample_budget() == config.train.batch_size * config.train.queries_per_datapoint // 2
+    )
 
 
 def test_one_query_samples_without_antithetic_pairs():
-    config = parse_config({"estimator": {"antithetic": False}, "train": {"queries_per_datapoint": 3}})
+    config = parse_config(
+        {"estimator": {"antithetic": False}, "train": {"queries_per_datapoint": 3}}
+    )
     assert config.sample_budget() == config.train.batch_size * 3
 
 

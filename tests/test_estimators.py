@@ -158,7 +158,9 @@ def test_batch_weights_divide_by_each_datapoints_count():
         batch_weights(np.array([1, 0]))
 
 
-@pytest.mark.parametrize("kwargs", [{"name": "lr", "sigma": 0.0}, {"name": "spsa", "epsilon": -1.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"name": "lr", "sigma": 0.0}, {"name": "spsa", "epsilon": -1.0}]
+)
 def test_non_positive_perturbation_scale_is_rejected(kwargs):
     with pytest.raises(ValueError, match="must be > 0"):
         create_estimator(**kwargs)

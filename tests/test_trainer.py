@@ -16,7 +16,9 @@ def _params(trainer):
     return torch.cat([p.detach().flatten() for p in trainer.params])
 
 
-@pytest.mark.parametrize(("estimator", "allocator"), [("lr", "gaussian"), ("spsa", "neyman"), ("lr", "bernoulli")])
+@pytest.mark.parametrize(
+    ("estimator", "allocator"), [("lr", "gaussian"), ("spsa", "neyman"), ("lr", "bernoulli")]
+)
 def test_run_writes_metrics_plot_checkpoint_and_summary(tiny_config, estimator, allocator):
     config = tiny_config(estimator={"name": estimator}, allocator={"name": allocator})
     trainer = Trainer(config)
@@ -39,7 +41,9 @@ def test_resume_continues_to_the_same_parameters(tiny_config):
     straight = Trainer(tiny_config(allocator={"name": "gaussian"}, run={"name": "straight"}))
     straight.fit()
 
-    interrupted = tiny_config(allocator={"name": "gaussian"}, run={"name": "resumed"}, train={"steps": 3})
+    interrupted = tiny_config(
+        allocator={"name": "gaussian"}, run={"name": "resumed"}, train={"steps": 3}
+    )
     Trainer(interrupted).fit()
     resumed = Trainer(with_overrides(interrupted, {"train.steps": 6}))
     assert resumed.step == 3
@@ -47,7 +51,9 @@ def test_resume_continues_to_the_same_parameters(tiny_config):
     torch.testing.assert_close(_params(resumed), _params(straight), rtol=0, atol=0)
     assert resumed.queries == straight.queries
     assert resumed.allocator.state_dict() == straight.allocator.state_dict()
-    steps = [json.loads(x)["step"] for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(6))  # every step exactly once
 
 

@@ -29,16 +29,21 @@ def hooked_modules(model: nn.Module, include_conv: bool) -> list[tuple[str, nn.M
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, kinds) and any(p.requires_grad for p in module.parameters(recurse=False))
+        if isinstance(module, kinds)
+        and any(p.requires_grad for p in module.parameters(recurse=False))
     ]
 
 
 def unestimated_parameters(model: nn.Module, include_conv: bool) -> list[str]:
     """Trainable parameters outside hooked layers (LayerNorm, embeddings): LR cannot see them."""
     covered = {
-        id(p) for _, module in hooked_modules(model, include_conv) for p in module.parameters(recurse=False)
+        id(p)
+        for _, module in hooked_modules(model, include_conv)
+        for p in module.parameters(recurse=False)
     }
-    return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    return [
+        name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered
+    ]
 
 
 class _NoiseInjector:
@@ -55,11 +60,16 @@ class _NoiseInjector:
         shape = output.shape
         if self.pairs is not None:
             half = torch.randn(
-                (self.pairs, *shape[1:]), generator=self.generator, device=output.device, dtype=output.dtype
+                (self.pairs, *shape[1:]),
+                generator=self.generator,
+                device=output.device,
+                dtype=output.dtype,
             )
             noise = torch.cat([half, -half])
         else:
-            noise = torch.randn(shape, generator=self.generator, device=output.device, dtype=output.dtype)
+            noise = torch.randn(
+                shape, generator=self.generator, device=output.device, dtype=output.dtype
+            )
         self.saved.append((module, inputs[0], noise))
         return output + self.sigma * noise
 
@@ -72,13 +82,21 @@ def _row_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _layer_gradient(module: nn.Module, x: torch.Tensor, weighted: torch.Tensor) -> dict[str, torch.Tensor]:
+def _layer_gradient(
+    module: nn.Module, x: torch.Tensor, weighted: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Σ_rows weighted_r-noise ⊗ x_r for one layer: the same FLOPs as its forward matmul."""
     grads = {}
     if isinstance(module, nn.Conv2d):
         if module.weight.requires_grad:
             grads["weight"] = torch.nn.grad.conv2d_weight(
-                x, module.weight.shape, weighted, module.stride, module.padding, module.dilation, module.groups
+                x,
+                module.weight.shape,
+                weighted,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
             )
         if module.bias is not None and module.bias.requires_grad:
             grads["bias"] = weighted.sum(dim=(0, 2, 3))
@@ -111,7 +129,9 @@ def _score_norm_sq(module: nn.Module, x: torch.Tensor, noise: torch.Tensor) -> t
 class LikelihoodRatioEstimator(Estimator):
     name = "lr"
 
-    def __init__(self, sigma: float = 0.1, antithetic: bool = True, hook_conv: bool = False, **_ignored):
+    def __init__(
+        self, sigma: float = 0.1, antithetic: bool = True, hook_conv: bool = False, **_ignored
+    ):
         if not sigma > 0:
             raise ValueError(f"estimator.sigma={sigma} must be > 0 (typical: 0.01-0.5)")
         self.sigma = sigma
@@ -124,7 +144,12 @@ class LikelihoodRatioEstimator(Estimator):
         rows = np.repeat(np.arange(len(ids)), counts)  # datapoint i's samples are contiguous
         weights = batch_weights(counts)[rows]
         return [
-            Shard(derive_seed(seed, "queries", j), ids[rows[part]], weights[part], baselines[rows[part]])
+            Shard(
+                derive_seed(seed, "queries", j),
+                ids[rows[part]],
+                weights[part],
+                baselines[rows[part]],
+            )
             for j, part in enumerate(chunks(len(rows), shard_rows))
         ]
 
@@ -139,17 +164,23 @@ class LikelihoodRatioEstimator(Estimator):
         row_ids = np.concatenate([shard.ids, shard.ids]) if self.antithetic else shard.ids
         device = next(task.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(shard.seed)
-        injector = _NoiseInjector(modules, self.sigma, generator, samples if self.antithetic else None)
+        injector = _NoiseInjector(
+            modules, self.sigma, generator, samples if self.antithetic else None
+        )
         try:
             losses = task.losses(row_ids).double()
         finally:
             injector.remove()
-        baselines = torch.as_tensor(np.tile(shard.baselines, len(row_ids) // samples), device=losses.device)
+        baselines = torch.as_tensor(
+            np.tile(shard.baselines, len(row_ids) // samples), device=losses.device
+        )
         advantage = losses - baselines  # (l − b_i): O(σ), so the variance stays finite as σ → 0
         bad_rows = ~torch.isfinite(advantage)
         advantage = torch.where(bad_rows, torch.zeros_like(advantage), advantage)
         # per-row weight: 1/(B n_i) split over the rows of the sample, over σ
-        row_weights = torch.as_tensor(np.tile(shard.weights, len(row_ids) // samples), device=losses.device)
+        row_weights = torch.as_tensor(
+            np.tile(shard.weights, len(row_ids) // samples), device=losses.device
+        )
         coefficient = advantage * row_weights / (self.sigma * (len(row_ids) // samples))
 
         grads: dict[str, torch.Tensor] = {}

@@ -25,7 +25,9 @@ def perturb_(params: list[torch.Tensor], seed: int, scale: float) -> None:
     for param in params:
         if generator is None or generator.device != param.device:
             generator = torch.Generator(device=param.device).manual_seed(seed)
-        noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
+        noise = torch.randn(
+            param.shape, generator=generator, device=param.device, dtype=param.dtype
+        )
         param.data.add_(noise, alpha=scale)
 
 

@@ -49,7 +49,9 @@ class ImageClassificationTask(Task):
         return self._splits["train"].ids.numpy()
 
     def _rows(self, ids: np.ndarray, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        positions = self._splits[split].positions(torch.as_tensor(np.asarray(ids), dtype=torch.long))
+        positions = self._splits[split].positions(
+            torch.as_tensor(np.asarray(ids), dtype=torch.long)
+        )
         return self._inputs[split][positions], self._labels[split][positions]
 
     def losses(self, ids: np.ndarray) -> torch.Tensor:
@@ -89,11 +91,16 @@ class ImageClassificationTask(Task):
 
 
 def build_image_task(
-    config: Config, splits: dict[str, ImageDataset], num_classes: int, estimator_name: str | None = None
+    config: Config,
+    splits: dict[str, ImageDataset],
+    num_classes: int,
+    estimator_name: str | None = None,
 ) -> ImageClassificationTask:
     """Model by name, weights from a local file, trainable selection, all from the config."""
     torch.manual_seed(config.run.seed)  # model initialisation is part of the run's seed
-    model = create_timm_model(config.model.name, num_classes, config.model.kwargs, config.model.pretrained)
+    model = create_timm_model(
+        config.model.name, num_classes, config.model.kwargs, config.model.pretrained
+    )
     if config.model.checkpoint:
         load_weights(model, config.model.checkpoint, reset_head=config.model.reset_head)
     if config.trainable.mode == "lora":

@@ -28,12 +28,16 @@ def create_timm_model(
     options = dict(kwargs)
     if isinstance(pretrained, str):
         # a tag or a local file handed to timm's own loader (a path avoids the hub)
-        options["pretrained_cfg_overlay"] = {"file": pretrained} if Path(pretrained).exists() else {"tag": pretrained}
+        options["pretrained_cfg_overlay"] = (
+            {"file": pretrained} if Path(pretrained).exists() else {"tag": pretrained}
+        )
         pretrained = True
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **options)
     except TypeError as exc:
-        raise ValueError(f"model.kwargs {kwargs} are not accepted by timm model {name!r}: {exc}") from None
+        raise ValueError(
+            f"model.kwargs {kwargs} are not accepted by timm model {name!r}: {exc}"
+        ) from None
     return model.eval()
 
 
@@ -69,12 +73,18 @@ def load_weights(model: nn.Module, path: str | Path, reset_head: bool = True) ->
                 skipped.append(key)
                 del state[key]
             else:
-                mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
+                mismatched.append(
+                    f"{key}: file {tuple(tensor.shape)} vs model {tuple(own[key].shape)}"
+                )
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state) - set(skipped))
     missing = [k for k in missing if not (reset_head and k in head_names)]
     if mismatched or unexpected or missing:
-        details = mismatched + [f"unexpected {k}" for k in unexpected[:5]] + [f"missing {k}" for k in missing[:5]]
+        details = (
+            mismatched
+            + [f"unexpected {k}" for k in unexpected[:5]]
+            + [f"missing {k}" for k in missing[:5]]
+        )
         raise CheckpointError(
             f"checkpoint {path} does not fit model ({len(mismatched)} shape mismatches, "
             f"{len(unexpected)} unexpected, {len(missing)} missing keys: {'; '.join(details[:8])}); "

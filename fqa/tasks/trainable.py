@@ -69,7 +69,9 @@ def select_trainable(model: nn.Module, mode: str, blocks: int = 1) -> list[str]:
     """Set ``requires_grad`` by mode; returns the trainable parameter names."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if mode in ("head", "last_blocks", "lora") and not isinstance(head, nn.Module):
-        raise ValueError(f"{type(model).__name__} exposes no classifier head; use trainable.mode full")
+        raise ValueError(
+            f"{type(model).__name__} exposes no classifier head; use trainable.mode full"
+        )
     for param in model.parameters():
         param.requires_grad_(mode == "full")
     if mode in ("head", "last_blocks", "lora"):
@@ -77,7 +79,9 @@ def select_trainable(model: nn.Module, mode: str, blocks: int = 1) -> list[str]:
     if mode == "last_blocks":
         all_blocks = _blocks(model)
         if blocks > len(all_blocks):
-            raise ValueError(f"trainable.blocks={blocks} but the model has {len(all_blocks)} blocks")
+            raise ValueError(
+                f"trainable.blocks={blocks} but the model has {len(all_blocks)} blocks"
+            )
         for block in list(all_blocks)[-blocks:]:
             block.requires_grad_(True)
         norm = getattr(model, "norm", None)
