@@ -116,6 +116,14 @@ class CompareConfig(_Section):
     allocators: list[str] = Field(default_factory=list)  # extra forward runs, same budget
 
 
+class ClusterConfig(_Section):
+    # used only by cluster/ (the Ray layer); the single-process trainer ignores it
+    num_workers: int = Field(2, ge=1)  # QueryWorker actors (one per GPU on a GPU cluster)
+    cpus_per_worker: float = Field(1.0, gt=0)  # CPU share reserved by each worker
+    gpus_per_worker: float = Field(0.0, ge=0)  # GPUs reserved by each worker (1: one per GPU)
+    checksum_every: int = Field(10, ge=1)  # steps between replica checksum comparisons
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -126,6 +134,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     pretrain: PretrainConfig = PretrainConfig()
     compare: CompareConfig = CompareConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @field_validator("estimator", mode="after")
     @classmethod

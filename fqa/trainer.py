@@ -36,6 +36,7 @@ _RESUMABLE_CHANGES = (
     "train.eval_every",
     "train.checkpoint_every",
     "compare.",
+    "cluster.",  # the same run may resume on another number of workers
 )
 
 

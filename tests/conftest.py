@@ -117,3 +117,27 @@ def tiny_config(digits_dir, tmp_path):
         return parse_config(data)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray instance for the whole session, started on first use: 2 CPUs,
+    the dashboard (the job API) bound to 127.0.0.1 on a free port. Yields its info."""
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = ray.init(
+        address="local",  # a fresh instance, never a stale one
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        object_store_memory=200 * 1024**2,
+        _node_ip_address="127.0.0.1",
+    )
+    yield {"dashboard_url": f"http://{context.dashboard_url}", "address": context.address_info}
+    ray.shutdown()

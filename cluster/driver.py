@@ -1,0 +1,285 @@
+"""The distributed driver: ``fqa.trainer.Trainer``'s loop with the queries on Ray actors.
+
+``ClusterTrainer`` subclasses the single-process ``Trainer`` and overrides only where
+work happens: the pre-pass and the shards run on QueryWorkers, planning and learning on
+the AllocatorActor (through ``RemotePlanner``), and each update is replayed on every
+worker. The driver keeps its own replica and applies the same update, so metrics,
+evaluation, checkpoints, resume and plots are the Trainer's own code.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from cluster.allocator_actor import AllocatorActor, RemotePlanner
+from cluster.runtime import ClusterResourceError, connect, require_resources
+from cluster.worker import parameter_checksum, remote_worker_class
+from fqa.config import Config
+from fqa.estimators import Shard, ShardResult
+from fqa.trainer import StepPlan, Trainer
+
+log = logging.getLogger(__name__)
+
+_MAX_RESTARTS = 4  # per worker; a worker past this is dropped and its shards go elsewhere
+_IN_FLIGHT = 2  # shards queued per worker, so a worker never idles between shards
+_START_TIMEOUT_S = 300.0  # model build + data load on a fresh worker
+
+
+class ClusterError(RuntimeError):
+    """The cluster lost every worker; the last checkpoint remains valid."""
+
+
+def in_tune_session() -> bool:
+    """True inside a Tune trial / Train worker, where ray.tune.report works."""
+    try:
+        from ray.train._internal.session import get_session
+    except ImportError:  # the session module moved: report nothing rather than fail
+        return False
+    return get_session() is not None
+
+
+class ClusterTrainer(Trainer):
+    def __init__(self, config: Config, task=None) -> None:
+        super().__init__(config, task)  # the driver's replica; resumes from a checkpoint
+        cc = config.cluster
+        self._owns_ray = connect()
+        require_resources(cc.num_workers, cc.cpus_per_worker, cc.gpus_per_worker)
+        config_json = config.model_dump_json()
+
+        actor = ray.remote(num_cpus=0, max_restarts=_MAX_RESTARTS)(AllocatorActor)
+        allocator = actor.remote(config_json, self.variance_scale)
+        ray.get(allocator.load_state.remote(self.planner.state(), self.planner.stats))
+        self.planner = RemotePlanner(allocator)  # Trainer.apply_step/save now go remote
+
+        worker_class = remote_worker_class(cc.cpus_per_worker, cc.gpus_per_worker, _MAX_RESTARTS)
+        threads = max(1, int(cc.cpus_per_worker))
+        self.workers = [worker_class.remote(config_json, threads) for _ in range(cc.num_workers)]
+        self._await_workers()
+        self.dirty: set[int] = set(range(len(self.workers)))  # all load the driver's state
+        self.dead: set[int] = set()
+        self.resyncs = 0  # checksum mismatches repaired
+        self.redispatched = 0  # shards re-run after their worker died
+        self.result_bytes: list[int] = []  # pickled shard results returned per step
+        self.replica_checksums: list[str] = []  # the workers' checksums at the end of fit
+        # tests inject faults here: called once per step after the shards are dispatched
+        self.fault_hook: Callable[[ClusterTrainer, int], None] | None = None
+        self._pending: dict[str, Any] | None = None  # metrics not yet reported to Tune
+
+    # ---- workers --------------------------------------------------------------------
+    def _await_workers(self) -> None:
+        refs = [w.ready.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_START_TIMEOUT_S)
+        if len(ready) < len(refs):
+            self.close()
+            raise ClusterResourceError(
+                f"only {len(ready)} of {len(refs)} workers started within {_START_TIMEOUT_S:.0f}s; "
+                f"available resources: {ray.available_resources()} (other jobs may hold them)"
+            )
+        ray.get(ready)  # surface a worker's start-up exception (bad data dir, model name)
+
+    def _state_refs(self) -> tuple[ray.ObjectRef, ray.ObjectRef]:
+        # top-level ObjectRef arguments are resolved on the worker: one upload for all
+        return ray.put(self.task.model.state_dict()), ray.put(self.optimizer.state_dict())
+
+    def _live(self) -> list[int]:
+        """Workers able to take work now; a restarted or mismatched one is first resynced."""
+        if self.dirty - self.dead:
+            state = self._state_refs()
+            for index in sorted(self.dirty - self.dead):
+                if not self._resync(index, state):
+                    log.warning("worker %d is gone for good; continuing without it", index)
+                    self.dead.add(index)
+            self.dirty.clear()
+        live = [i for i in range(len(self.workers)) if i not in self.dead]
+        if not live:
+            raise ClusterError("every worker died; rerun the job to resume from the checkpoint")
+        return live
+
+    def _resync(self, index: int, state: tuple[ray.ObjectRef, ray.ObjectRef]) -> bool:
+        """Load the driver's state into a worker, waiting while Ray restarts it (calls
+        fail with RayActorError until the new instance is up)."""
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.workers[index].load_state.remote(*state), timeout=_START_TIMEOUT_S)
+                return True
+            except GetTimeoutError:
+                return False
+            except RayActorError:
+                time.sleep(0.5)
+        return False
+
+    def _lost(self, index: int) -> None:
+        log.warning("worker %d died; it restarts and resyncs from the driver's replica", index)
+        self.dirty.add(index)
+
+    # ---- one step -------------------------------------------------------------------
+    def plan_step(self, step: int) -> StepPlan:
+        self._report()
+        ids = self.sampler.batch(step)
+        while True:  # the pre-pass on one worker; retried on another if it dies
+            index = self._live()[step % len(self._live())]
+            try:
+                prepass = ray.get(self.workers[index].prepass.remote(ids))
+                break
+            except RayActorError:
+                self._lost(index)
+        return StepPlan(step, ids, prepass, self.planner.plan(step, ids, prepass["loss"]))
+
+    def evaluate_shards(self, plan: StepPlan) -> list[ShardResult]:
+        """Shards go out a few per worker and come back as they complete; results are
+        put back in plan order, and a dead worker's shards run again elsewhere."""
+        shards = plan.shards
+        results: list[ShardResult | None] = [None] * len(shards)
+        pending = deque(range(len(shards)))
+        in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
+        hooked = self.fault_hook is None
+        while pending or in_flight:
+            live = self._live()
+            load = {i: 0 for i in live}
+            for _, worker in in_flight.values():
+                load[worker] = load.get(worker, 0) + 1
+            for index in live:
+                while pending and load[index] < _IN_FLIGHT:
+                    shard = pending.popleft()
+                    in_flight[self.workers[index].evaluate.remote(shards[shard])] = (shard, index)
+                    load[index] += 1
+            if not hooked:
+                hooked = True
+                self.fault_hook(self, plan.step)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            shard, index = in_flight.pop(done[0])
+            try:
+                results[shard] = ray.get(done[0])
+            except RayActorError:
+                self._lost(index)
+                pending.appendleft(shard)
+                self.redispatched += 1
+        self.result_bytes.append(sum(len(pickle.dumps(r)) for r in results))
+        return results  # type: ignore[return-value]
+
+    def apply_step(self, plan: StepPlan, results: list[ShardResult]) -> dict[str, Any]:
+        """Every worker replays the update while the driver applies it to its replica."""
+        shards, record = self._update_record(plan.shards, results)
+        prepass_nonfinite = int((~np.isfinite(plan.prepass["loss"])).sum())
+        # one upload each, shared by all workers (refs are resolved on the worker)
+        shards_ref, record_ref = ray.put(shards), ray.put(record)
+        refs = {
+            i: self.workers[i].apply.remote(plan.step, shards_ref, record_ref, prepass_nonfinite)
+            for i in self._live()
+        }
+        metrics = super().apply_step(plan, results)
+        for index, ref in refs.items():
+            try:
+                ray.get(ref)
+            except RayActorError:
+                self._lost(index)  # resynced from the driver before its next shard
+        if self.step % self.config.cluster.checksum_every == 0:
+            self.verify_replicas()
+        metrics.update(resyncs=self.resyncs, redispatched=self.redispatched)
+        metrics["result_bytes"] = self.result_bytes[-1] if self.result_bytes else 0
+        self._pending = metrics
+        return metrics
+
+    def _update_record(
+        self, shards: list[Shard], results: list[ShardResult]
+    ) -> tuple[list[Shard], list[ShardResult]]:
+        """What a worker needs to replay the update. spsa: the per-query scalars. lr: one
+        gradient, summed here in plan order exactly as ``write_grad`` would, so a single
+        tensor set is broadcast instead of one per shard."""
+        if self.estimator.name != "lr":
+            return shards, results
+        params = dict(self.task.trainable_parameters())
+        total: dict[str, torch.Tensor] = {}
+        for result in results:
+            for key, grad in (result.grads or {}).items():
+                if key not in total:
+                    total[key] = torch.zeros_like(params[key])
+                total[key].add_(grad.to(params[key].dtype))
+        empty = np.zeros(0)
+        reduced = ShardResult(
+            seed=-1,
+            ids=empty.astype(np.int64),
+            values=empty,
+            stat_values=empty,
+            queries=sum(r.queries for r in results),
+            nonfinite=sum(r.nonfinite for r in results),
+            grads=total,
+        )
+        return [], [reduced]  # lr's write_grad reads the results only
+
+    def verify_replicas(self) -> list[str]:
+        """Compare the workers' parameter checksums with the driver's; resync mismatches."""
+        expected = parameter_checksum(self.params)
+        live = self._live()
+        refs = {i: self.workers[i].checksum.remote() for i in live}
+        sums: dict[int, str] = {}
+        for index, ref in refs.items():
+            try:
+                sums[index] = value = ray.get(ref)
+            except RayActorError:
+                self._lost(index)
+                continue
+            if value != expected:
+                log.warning(
+                    "worker %d's parameters differ from the driver's at step %d; resyncing",
+                    index,
+                    self.step,
+                )
+                self.resyncs += 1
+                self.dirty.add(index)
+        self._live()
+        return list(sums.values())
+
+    # ---- loop, reports, shutdown --------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        try:
+            summary = super().fit()
+            self.replica_checksums = self.verify_replicas()
+            summary.update(workers=len(self.workers), resyncs=self.resyncs)
+            summary["redispatched"] = self.redispatched
+            return summary
+        finally:
+            self.close()
+
+    def save(self):
+        path = super().save()
+        self._report(path)
+        return path
+
+    def finish(self) -> dict[str, Any]:
+        self._report()
+        return super().finish()
+
+    def _report(self, checkpoint_dir=None) -> None:
+        """Inside a Tune trial, the finished step's metrics (and checkpoint) go to Tune."""
+        if self._pending is None or not in_tune_session():
+            return
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(_plain(self._pending), checkpoint=checkpoint)
+        self._pending = None
+
+    def close(self) -> None:
+        for handle in [*getattr(self, "workers", []), getattr(self.planner, "actor", None)]:
+            if handle is not None:
+                ray.kill(handle)
+        self.workers = []
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in metrics.items()}

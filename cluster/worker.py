@@ -1,0 +1,89 @@
+"""QueryWorker: a model replica that evaluates shards and replays every update.
+
+It builds its replica from the config (nothing pickled per step), evaluates shards of
+(datapoint, query-seed) work, and applies each step's update itself through the same
+``fqa.step.ReplicaUpdater`` as the single-process trainer: spsa results are per-query
+scalars, so after start-up no parameters cross the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from fqa.config import Config
+from fqa.estimators import Shard, ShardResult
+from fqa.setup import build_estimator, build_optimizer, build_task
+from fqa.step import ReplicaUpdater, UpdateOutcome
+
+
+def parameter_checksum(params: list[torch.Tensor]) -> str:
+    """sha256 of the trainable parameters' bytes: replicas agree iff bit-identical."""
+    digest = hashlib.sha256()
+    for param in params:
+        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class QueryWorker:
+    def __init__(self, config_json: str, threads: int = 1) -> None:
+        torch.set_num_threads(max(1, threads))
+        self.config = Config.model_validate_json(config_json)
+        self.task = build_task(self.config)
+        self.estimator = build_estimator(self.config, self.task)
+        self.params = [p for _, p in self.task.trainable_parameters()]
+        self.optimizer = build_optimizer(self.config, self.params)
+        self.updater = ReplicaUpdater(self.config, self.task, self.estimator, self.optimizer)
+
+    def ready(self) -> bool:
+        return True
+
+    def variance_scale(self) -> float:
+        return self.estimator.variance_scale(self.task)
+
+    def load_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+        """Resynchronise (start-up, restart, checksum mismatch) from the driver's replica."""
+        self.task.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return self.task.prepass(np.array(ids))  # a writable copy of the object-store array
+
+    def evaluate(self, shard: Shard) -> ShardResult:
+        # spsa perturbs θ in place and subtracts the perturbation again, which leaves
+        # float round-off that depends on which shards a replica happened to evaluate;
+        # restoring the exact bytes keeps every replica bit-identical to the driver's.
+        saved = [p.detach().clone() for p in self.params] if self.estimator.name == "spsa" else []
+        try:
+            writable = dataclasses.replace(shard, ids=np.array(shard.ids))  # see prepass
+            result = self.estimator.evaluate(self.task, writable)
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, saved, strict=False):
+                    param.copy_(value)
+        if self.estimator.name == "spsa":
+            # (seed, ids, p) is all the update needs; stat_values is p itself (one array)
+            result.stat_values = result.values
+        return result
+
+    def apply(
+        self, step: int, shards: list[Shard], results: list[ShardResult], prepass_nonfinite: int
+    ) -> UpdateOutcome:
+        return self.updater.apply(step, shards, results, prepass_nonfinite)
+
+    def checksum(self) -> str:
+        return parameter_checksum(self.params)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+
+def remote_worker_class(cpus: float, gpus: float, max_restarts: int):
+    """The actor class with this run's resources (a restarted actor reruns __init__)."""
+    return ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts)(QueryWorker)

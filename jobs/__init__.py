@@ -1,0 +1,1 @@
+"""Entrypoints for ``ray job submit`` and Tune sweeps (``python -m jobs.train``)."""

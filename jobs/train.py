@@ -1,0 +1,89 @@
+"""``python -m jobs.train --config jobs/configs/<name>.yaml [--workers N] [--set k=v]``
+
+The entrypoint for ``ray job submit --working-dir . -- python -m jobs.train ...``: it
+joins the cluster it was submitted to (``RAY_ADDRESS``) or starts an embedded one,
+trains with the distributed driver, writes the run directory under run.out_dir/run.name
+(resubmitting the same run name resumes it) and prints a one-line JSON summary last.
+Any failure exits non-zero with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from typing import Any
+
+import yaml
+
+from fqa.config import Config, ConfigError, load_config, with_overrides
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    parsed = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=0.01), got {pair!r}")
+        key, value = pair.split("=", 1)
+        parsed[key] = yaml.safe_load(value)  # numbers, booleans, lists; never code
+    return parsed
+
+
+def prepare(config: Config) -> Config:
+    """Pretraining (cached, single process) happens before the workers build replicas."""
+    if config.pretrain.enabled and not config.model.checkpoint:
+        from fqa.backprop import ensure_pretrained
+
+        checkpoint = ensure_pretrained(config, config.train.progress)
+        config = with_overrides(
+            config, {"model.checkpoint": str(checkpoint), "pretrain.enabled": False}
+        )
+    return config
+
+
+def run(config: Config) -> dict[str, Any]:
+    from cluster.driver import ClusterTrainer
+
+    return ClusterTrainer(prepare(config)).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.train", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML config, e.g. jobs/configs/vit_digits.yaml"
+    )
+    parser.add_argument("--workers", type=int, help="QueryWorker actors (cluster.num_workers)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = parse_overrides(args.set)
+        if args.workers is not None:
+            overrides["cluster.num_workers"] = args.workers
+        summary = run(load_config(args.config, overrides))
+    except KeyboardInterrupt:
+        print("error: interrupted; resubmit with the same run.name to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from cluster.driver import ClusterError
+        from cluster.runtime import ClusterResourceError
+        from fqa.tasks.models import CheckpointError
+        from fqa.trainer import TrainingError
+
+        expected = (ConfigError, ClusterResourceError, ClusterError, CheckpointError, TrainingError)
+        if not isinstance(exc, expected):
+            traceback.print_exc()  # a bug, not bad input: keep the stack for the report
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

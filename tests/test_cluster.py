@@ -1,0 +1,165 @@
+"""The Ray layer against the single-process reference, on the session's real Ray instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fqa.config import with_overrides
+from fqa.trainer import Trainer
+
+ray = pytest.importorskip("ray")
+
+from cluster.driver import ClusterTrainer  # noqa: E402
+from cluster.runtime import ClusterResourceError  # noqa: E402
+from cluster.worker import parameter_checksum  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _params(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.params])
+
+
+def _records(trainer: Trainer) -> list[dict]:
+    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _config(tiny_config, estimator: str, name: str, **sections):
+    sections.setdefault("train", {})
+    sections["train"] = {"steps": 4, "checkpoint_every": 2, "eval_every": 2, **sections["train"]}
+    return tiny_config(
+        run={"name": name},
+        estimator={"name": estimator, "shard_rows": 8},  # several shards per worker
+        allocator={"name": "gaussian"},
+        cluster={"checksum_every": 2},
+        **sections,
+    )
+
+
+# spsa: the reference trainer's own perturb/restore leaves float round-off in θ (the
+# workers restore exact bytes), so the two paths agree to round-off, not bit for bit.
+_TOLERANCE = {"lr": {"rtol": 1e-6, "atol": 1e-7}, "spsa": {"rtol": 1e-4, "atol": 1e-5}}
+
+
+@pytest.mark.parametrize("estimator", ["lr", "spsa"])
+def test_two_workers_match_the_single_process_trainer(ray_cluster, tiny_config, estimator):
+    reference = Trainer(_config(tiny_config, estimator, "reference"))
+    reference.fit()
+    cluster = ClusterTrainer(_config(tiny_config, estimator, "cluster"))
+    cluster.fit()
+
+    torch.testing.assert_close(_params(cluster), _params(reference), **_TOLERANCE[estimator])
+    assert cluster.queries == reference.queries
+    ours, theirs = _records(cluster), _records(reference)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(4))
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["queries"] == b["queries"]
+        assert a["accuracy"] == b["accuracy"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    # every worker replica ends bit-identical to the driver's, with no resync needed
+    assert cluster.replica_checksums == [parameter_checksum(cluster.params)] * 2
+    assert cluster.resyncs == 0
+
+
+def test_spsa_bytes_per_step_do_not_grow_with_the_model(ray_cluster, tiny_config):
+    sizes = {}
+    for width, depth in [(32, 2), (64, 4)]:
+        config = tiny_config(
+            run={"name": f"bytes-{width}"},
+            model={
+                "kwargs": {
+                    "img_size": 16,
+                    "patch_size": 4,
+                    "in_chans": 1,
+                    "embed_dim": width,
+                    "depth": depth,
+                    "num_heads": 2,
+                }
+            },
+            trainable={"mode": "full"},
+            estimator={"name": "spsa", "shard_rows": 8},
+            train={"steps": 1},
+        )
+        trainer = ClusterTrainer(config)
+        params = sum(p.numel() for p in trainer.params)
+        trainer.fit()
+        sizes[params] = trainer.result_bytes[0]
+    (small, small_bytes), (large, large_bytes) = sorted(sizes.items())
+    assert large > 3 * small  # the two models really differ in size
+    assert small_bytes == large_bytes
+    samples = 16 * 4 // 2  # batch x queries per datapoint / 2 queries per spsa sample
+    print(f"spsa result bytes/step: {sizes} ({small_bytes / samples:.1f} bytes per sample)")
+    assert small_bytes / samples < 100  # (id, p) scalars plus a per-shard constant
+
+
+def test_a_worker_killed_mid_step_loses_no_query(ray_cluster, tiny_config):
+    reference = Trainer(_config(tiny_config, "lr", "reference"))
+    reference.fit()
+    cluster = ClusterTrainer(_config(tiny_config, "lr", "faulty"))
+
+    def kill_worker_zero(trainer: ClusterTrainer, step: int) -> None:
+        if step == 1:  # shards are in flight on both workers now
+            ray.kill(trainer.workers[0], no_restart=False)
+
+    cluster.fault_hook = kill_worker_zero
+    cluster.fit()
+    assert cluster.redispatched > 0
+    assert cluster.queries == reference.queries
+    torch.testing.assert_close(_params(cluster), _params(reference), **_TOLERANCE["lr"])
+    assert cluster.replica_checksums == [parameter_checksum(cluster.params)] * 2
+
+
+def test_a_rerun_driver_resumes_to_the_same_parameters(ray_cluster, tiny_config):
+    reference = Trainer(_config(tiny_config, "spsa", "reference"))
+    reference.fit()
+    interrupted = _config(tiny_config, "spsa", "resumed", train={"steps": 2})
+    ClusterTrainer(interrupted).fit()  # the driver "dies" after the step-2 checkpoint
+    resumed = ClusterTrainer(with_overrides(interrupted, {"train.steps": 4}))
+    assert resumed.step == 2
+    resumed.fit()
+    torch.testing.assert_close(_params(resumed), _params(reference), **_TOLERANCE["spsa"])
+    assert resumed.queries == reference.queries
+    assert [r["step"] for r in _records(resumed)] == list(range(4))
+
+
+@pytest.mark.parametrize(
+    ("cluster", "named"),
+    [({"num_workers": 3}, "CPU"), ({"num_workers": 1, "gpus_per_worker": 1}, "GPU")],
+)
+def test_unplaceable_workers_fail_fast_naming_the_resource(
+    ray_cluster, tiny_config, cluster, named
+):
+    with pytest.raises(
+        ClusterResourceError, match=rf"requested, but the Ray cluster has .* {named}"
+    ):
+        ClusterTrainer(tiny_config(cluster=cluster))
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_job_and_prints_a_summary(ray_cluster, tiny_config, tmp_path):
+    config = tiny_config(run={"name": "submitted"}, train={"steps": 2})
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(config.model_dump(mode="json")))  # JSON is YAML
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    command = [
+        str(Path(sys.executable).with_name("ray")), "job", "submit",
+        "--address", ray_cluster["dashboard_url"], "--working-dir", str(REPO), "--",
+        sys.executable, "-m", "jobs.train", "--config", str(path), "--workers", "2",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"run"')]
+    summary = json.loads(lines[-1])
+    assert summary["run"] == "submitted" and summary["steps"] == 2 and summary["workers"] == 2
+    assert (Path(config.run.out_dir) / "submitted" / "summary.json").is_file()
