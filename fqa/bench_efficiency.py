@@ -84,9 +84,10 @@ def run_efficiency_bench(args) -> dict:
     from fqa.backprop import ensure_pretrained
     from fqa.config import load_config
 
-    ensure_pretrained(load_config(args.config), progress=True)  # once, before the pool
+    checkpoint = ensure_pretrained(load_config(args.config), progress=True)  # once, before the pool
     jobs = []
-    for regime, (overrides, uniform_qs, alloc_qs) in REGIMES.items():
+    for regime, (regime_overrides, uniform_qs, alloc_qs) in REGIMES.items():
+        overrides = {**regime_overrides, "model.checkpoint": str(checkpoint), "pretrain.enabled": False}
         for seed in range(args.seeds):
             jobs += [
                 (regime, "uniform", q, overrides, args.config, args.total_queries, seed)

@@ -230,6 +230,9 @@ def _plot(report: dict, path: Path) -> None:
             ylabel="E‖ĝ − g‖²",
             title=f"{result['estimator']} ({result['trainable']})",
         )
+        budgets = sorted({r["budget"] for r in result["rows"]})
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
