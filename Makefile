@@ -1,4 +1,4 @@
-# Two commands: `make run` (the main job) and `make test`. Both create .venv on first use.
+# Two commands: `make run` (the main job, on 2 Ray workers of an embedded instance) and `make test`. Both create .venv on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/fqa train jobs/configs/vit_digits.yaml
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/fqa train jobs/configs/vit_digits.yaml --workers 2
 
 test: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q

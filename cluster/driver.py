@@ -14,6 +14,7 @@ import pickle
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from cluster.allocator_actor import AllocatorActor, RemotePlanner
+from cluster.allocator_actor import RemotePlanner
 from cluster.runtime import ClusterResourceError, connect, require_resources
 from cluster.worker import parameter_checksum, remote_worker_class
 from fqa.config import Config
@@ -56,16 +57,29 @@ class ClusterTrainer(Trainer):
         require_resources(cc.num_workers, cc.cpus_per_worker, cc.gpus_per_worker)
         config_json = config.model_dump_json()
 
-        actor = ray.remote(num_cpus=0, max_restarts=_MAX_RESTARTS)(AllocatorActor)
-        allocator = actor.remote(config_json, self.variance_scale)
-        ray.get(allocator.load_state.remote(self.planner.state(), self.planner.stats))
-        self.planner = RemotePlanner(allocator)  # Trainer.apply_step/save now go remote
+        self.planner = RemotePlanner(  # Trainer.apply_step/save now go remote
+            config_json,
+            self.variance_scale,
+            self.checkpoint_dir,
+            self.planner.state(),
+            self.planner.stats,
+            self.step,
+        )
 
         worker_class = remote_worker_class(cc.cpus_per_worker, cc.gpus_per_worker, _MAX_RESTARTS)
         threads = max(1, int(cc.cpus_per_worker))
         self.workers = [worker_class.remote(config_json, threads) for _ in range(cc.num_workers)]
         self._await_workers()
         self.dirty: set[int] = set(range(len(self.workers)))  # all load the driver's state
+        self.lost: set[int] = set()  # restarted workers, rebuilt from the checkpoint
+        # each step's update as broadcast since the last checkpoint: with that checkpoint,
+        # all a restarted worker needs to rebuild its replica
+        self.updates: list[tuple[int, list[Shard], list[ShardResult], int]] = []
+        self.checkpoint: Path | None = getattr(self, "checkpoint", None)  # set on resume
+        self.rebuilt = 0  # restarted workers rebuilt from checkpoint + updates
+        # bumped when a worker is rebuilt or resynced, so failures of calls sent to its
+        # previous instance (several shards in flight) do not rebuild it again
+        self.generation = [0] * len(self.workers)
         self.dead: set[int] = set()
         self.resyncs = 0  # checksum mismatches repaired
         self.redispatched = 0  # shards re-run after their worker died
@@ -92,7 +106,13 @@ class ClusterTrainer(Trainer):
         return ray.put(self.task.model.state_dict()), ray.put(self.optimizer.state_dict())
 
     def _live(self) -> list[int]:
-        """Workers able to take work now; a restarted or mismatched one is first resynced."""
+        """Workers able to take work now. A restarted one is first rebuilt from the last
+        checkpoint plus the updates since; with no checkpoint yet, or when that fails, it
+        loads the driver's replica (as does a worker whose checksum mismatched)."""
+        for index in sorted(self.lost - self.dead):
+            if self.checkpoint is None or not self._rebuild(index):
+                self.dirty.add(index)
+        self.lost.clear()
         if self.dirty - self.dead:
             state = self._state_refs()
             for index in sorted(self.dirty - self.dead):
@@ -112,6 +132,7 @@ class ClusterTrainer(Trainer):
         while time.monotonic() < deadline:
             try:
                 ray.get(self.workers[index].load_state.remote(*state), timeout=_START_TIMEOUT_S)
+                self.generation[index] += 1
                 return True
             except GetTimeoutError:
                 return False
@@ -119,9 +140,34 @@ class ClusterTrainer(Trainer):
                 time.sleep(0.5)
         return False
 
-    def _lost(self, index: int) -> None:
-        log.warning("worker %d died; it restarts and resyncs from the driver's replica", index)
-        self.dirty.add(index)
+    def _rebuild(self, index: int) -> bool:
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                ref = self.workers[index].restore.remote(str(self.checkpoint), self.updates)
+                value = ray.get(ref, timeout=_START_TIMEOUT_S)
+                break
+            except GetTimeoutError:
+                return False
+            except RayActorError:
+                time.sleep(0.5)
+        else:
+            return False
+        if value != parameter_checksum(self.params):
+            log.warning("worker %d rebuilt from %s differs from the driver", index, self.checkpoint)
+            return False
+        self.rebuilt += 1
+        self.generation[index] += 1
+        log.info(
+            "worker %d rebuilt from %s + %d updates", index, self.checkpoint, len(self.updates)
+        )
+        return True
+
+    def _lost(self, index: int, generation: int | None = None) -> None:
+        if generation is not None and generation != self.generation[index]:
+            return  # a call to the instance that was already replaced
+        log.warning("worker %d died; it restarts and rebuilds its replica", index)
+        self.lost.add(index)
 
     # ---- one step -------------------------------------------------------------------
     def plan_step(self, step: int) -> StepPlan:
@@ -142,27 +188,28 @@ class ClusterTrainer(Trainer):
         shards = plan.shards
         results: list[ShardResult | None] = [None] * len(shards)
         pending = deque(range(len(shards)))
-        in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}
+        in_flight: dict[ray.ObjectRef, tuple[int, int, int]] = {}
         hooked = self.fault_hook is None
         while pending or in_flight:
             live = self._live()
             load = {i: 0 for i in live}
-            for _, worker in in_flight.values():
+            for _, worker, _ in in_flight.values():
                 load[worker] = load.get(worker, 0) + 1
             for index in live:
                 while pending and load[index] < _IN_FLIGHT:
                     shard = pending.popleft()
-                    in_flight[self.workers[index].evaluate.remote(shards[shard])] = (shard, index)
+                    ref = self.workers[index].evaluate.remote(shards[shard])
+                    in_flight[ref] = (shard, index, self.generation[index])
                     load[index] += 1
             if not hooked:
                 hooked = True
                 self.fault_hook(self, plan.step)
             done, _ = ray.wait(list(in_flight), num_returns=1)
-            shard, index = in_flight.pop(done[0])
+            shard, index, generation = in_flight.pop(done[0])
             try:
                 results[shard] = ray.get(done[0])
             except RayActorError:
-                self._lost(index)
+                self._lost(index, generation)
                 pending.appendleft(shard)
                 self.redispatched += 1
         self.result_bytes.append(sum(len(pickle.dumps(r)) for r in results))
@@ -178,6 +225,7 @@ class ClusterTrainer(Trainer):
             i: self.workers[i].apply.remote(plan.step, shards_ref, record_ref, prepass_nonfinite)
             for i in self._live()
         }
+        self.updates.append((plan.step, shards, record, prepass_nonfinite))  # after _live()
         metrics = super().apply_step(plan, results)
         for index, ref in refs.items():
             try:
@@ -252,10 +300,20 @@ class ClusterTrainer(Trainer):
         finally:
             self.close()
 
+    @property
+    def checkpoint_dir(self):
+        return self.run_dir / "checkpoints"
+
     def save(self):
         path = super().save()
+        self.planner.checkpointed(self.step)
+        self.checkpoint, self.updates = path, []  # the checkpoint holds every update so far
         self._report(path)
         return path
+
+    def restore(self, path: Path) -> None:
+        super().restore(path)  # on resume, from Trainer.__init__
+        self.checkpoint = path
 
     def finish(self) -> dict[str, Any]:
         self._report()

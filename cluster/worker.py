@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from fqa.checkpoint import load_checkpoint
 from fqa.config import Config
 from fqa.estimators import Shard, ShardResult
 from fqa.setup import build_estimator, build_optimizer, build_task
@@ -51,6 +53,16 @@ class QueryWorker:
         self.task.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def restore(self, checkpoint: str, updates: list[tuple[Any, ...]]) -> str:
+        """Rebuild after a restart: the checkpoint on the storage path, then the updates
+        since (each ``apply``'s arguments, as the driver broadcast them). Returns the
+        checksum, which the driver compares with its own replica's."""
+        data = load_checkpoint(Path(checkpoint))
+        self.load_state(data.model, data.optimizer)
+        for step, shards, results, prepass_nonfinite in updates:
+            self.apply(step, shards, results, prepass_nonfinite)
+        return self.checksum()
 
     def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return self.task.prepass(np.array(ids))  # a writable copy of the object-store array

@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field"
     )
     train.add_argument("--no-compare", action="store_true", help="skip the comparison runs")
+    train.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run the main job on N Ray QueryWorkers (cluster layer; embedded Ray unless "
+        "RAY_ADDRESS is set). Without it, training is single-process",
+    )
 
     data = commands.add_parser("data", help="dataset utilities")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -103,17 +110,45 @@ def _train(args) -> int:
     from fqa.experiment import run_experiment
     from fqa.trainer import TrainingError
 
-    config = load_config(args.config, _overrides(args.set))
+    overrides = _overrides(args.set)
+    factory = None
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        overrides["cluster.num_workers"] = args.workers
+        factory = _cluster_trainer()
+    config = load_config(args.config, overrides)
     if args.no_compare:
         config = with_overrides(config, {"compare.backprop": False, "compare.allocators": []})
+    cluster_errors: tuple[type[Exception], ...] = ()
+    if factory:
+        from cluster.driver import ClusterError
+        from cluster.runtime import ClusterResourceError
+
+        cluster_errors = (ClusterError, ClusterResourceError)
     try:
-        result = run_experiment(config)
+        result = run_experiment(config, factory) if factory else run_experiment(config)
     except TrainingError as exc:
         print(f"fqa: training stopped: {exc}", file=sys.stderr)
         return 3
+    except cluster_errors as exc:
+        print(f"fqa: cluster error: {exc}", file=sys.stderr)
+        return 4
     print(result["table"])
     print(json.dumps({"dir": result["dir"], "runs": result["runs"]}))
     return 0
+
+
+def _cluster_trainer():
+    """The Ray layer, imported only for --workers: fqa itself never imports Ray."""
+    try:
+        from cluster.driver import ClusterTrainer
+    except ImportError as exc:
+        raise ValueError(
+            f"--workers needs the cluster layer and Ray ({exc}); install with "
+            "pip install -e . (ray[default] is a dependency) or drop --workers"
+        ) from None
+    return ClusterTrainer
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ other allocators -> a backpropagation reference, then one comparison table."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,11 @@ from fqa.setup import build_task
 from fqa.trainer import Trainer
 
 
-def run_experiment(config: Config) -> dict[str, Any]:
+def run_experiment(
+    config: Config, trainer_factory: Callable[[Config], Trainer] = Trainer
+) -> dict[str, Any]:
+    """``trainer_factory`` builds the main run's trainer (the cluster layer passes its
+    ``ClusterTrainer``); the comparison runs always use the single-process ``Trainer``."""
     progress = config.train.progress
     if config.pretrain.enabled and not config.model.checkpoint:
         checkpoint = ensure_pretrained(config, progress)
@@ -22,7 +27,7 @@ def run_experiment(config: Config) -> dict[str, Any]:
             config, {"model.checkpoint": str(checkpoint), "pretrain.enabled": False}
         )
 
-    results = [Trainer(config).fit()]
+    results = [trainer_factory(config).fit()]
     curves = {f"{config.estimator.name}/{config.allocator.name}": _metrics(config)}
     for allocator in config.compare.allocators:
         if allocator == config.allocator.name:

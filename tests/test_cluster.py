@@ -163,3 +163,117 @@ def test_ray_job_submit_runs_the_job_and_prints_a_summary(ray_cluster, tiny_conf
     summary = json.loads(lines[-1])
     assert summary["run"] == "submitted" and summary["steps"] == 2 and summary["workers"] == 2
     assert (Path(config.run.out_dir) / "submitted" / "summary.json").is_file()
+
+
+def _final_state(trainer: Trainer) -> dict:
+    from fqa.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(trainer.run_dir / "checkpoints")
+    return json.loads((path / "state.json").read_text())
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["restarting", "restarted"])
+def test_a_lost_allocator_actor_is_restored_from_the_checkpoint(ray_cluster, tiny_config, wait):
+    """Killed after the step-2 checkpoint, with step 2 learned since: the restored actor
+    (checkpoint statistics + the learn calls since) is exactly the lost one."""
+    reference = Trainer(_config(tiny_config, "spsa", "reference"))
+    reference.fit()
+    cluster = ClusterTrainer(_config(tiny_config, "spsa", "allocator-lost"))
+
+    def kill_allocator(trainer: ClusterTrainer, step: int) -> None:
+        if step != 3:
+            return
+        actor = trainer.planner.actor
+        ray.kill(actor, no_restart=False)
+        while wait:  # let Ray bring up the fresh (empty) instance before the next call
+            try:
+                ray.get(actor.ping.remote())
+                break
+            except ray.exceptions.RayActorError:
+                pass
+
+    cluster.fault_hook = kill_allocator
+    cluster.fit()
+    assert cluster.planner.restores == 1
+    assert cluster.step == 4 and cluster.queries == reference.queries
+    ours, theirs = _records(cluster), _records(reference)
+    assert [r["step"] for r in ours] == list(range(4))
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["queries"] == b["queries"]
+        assert (a["alloc_min"], a["alloc_max"]) == (b["alloc_min"], b["alloc_max"])
+    ours, theirs = _final_state(cluster)["allocator"], _final_state(reference)["allocator"]
+    assert ours["step"] == theirs["step"] == 4  # no learn call lost or counted twice
+    assert ours["phi"] == pytest.approx(theirs["phi"], rel=1e-4)
+    torch.testing.assert_close(_params(cluster), _params(reference), **_TOLERANCE["spsa"])
+
+
+def test_a_restarted_worker_rebuilds_from_the_checkpoint_and_the_update_log(
+    ray_cluster, tiny_config
+):
+    """Killed at step 3: the step-2 checkpoint plus step 2's seeded update (per-query
+    scalars) rebuild a replica bit-identical to the driver's, without the driver's state."""
+    reference = Trainer(_config(tiny_config, "spsa", "reference"))
+    reference.fit()
+    cluster = ClusterTrainer(_config(tiny_config, "spsa", "rebuilt"))
+
+    resyncs_from_driver = []  # in-memory resyncs after the kill (the fallback path)
+
+    def kill_worker_zero(trainer: ClusterTrainer, step: int) -> None:
+        if step == 3:
+            assert trainer.checkpoint is not None and len(trainer.updates) == 1
+            original = trainer._resync
+            trainer._resync = lambda i, state: resyncs_from_driver.append(i) or original(i, state)
+            ray.kill(trainer.workers[0], no_restart=False)
+
+    cluster.fault_hook = kill_worker_zero
+    cluster.fit()
+    assert cluster.rebuilt == 1 and resyncs_from_driver == [] and cluster.resyncs == 0
+    assert cluster.queries == reference.queries
+    assert [r["step"] for r in _records(cluster)] == list(range(4))
+    torch.testing.assert_close(_params(cluster), _params(reference), **_TOLERANCE["spsa"])
+    assert cluster.replica_checksums == [parameter_checksum(cluster.params)] * 2
+
+
+def test_fqa_train_workers_runs_the_main_job_on_the_cluster(ray_cluster, digits_dir, tmp_path):
+    """`fqa train CONFIG --workers 2` inside a running Ray joins it (connect() does not
+    start a second instance, nor shut this one down) and trains on 2 QueryWorkers."""
+    import yaml
+
+    from fqa.cli import main
+    from tests.conftest import TINY_VIT
+
+    config = {
+        "run": {"name": "cli-workers", "out_dir": str(tmp_path / "runs")},
+        "data": {"dataset": "digits", "dir": str(digits_dir)},
+        "model": {"kwargs": TINY_VIT},
+        "trainable": {"mode": "head"},
+        "estimator": {"name": "spsa"},
+        "train": {"steps": 2, "batch_size": 16, "queries_per_datapoint": 4, "progress": False},
+        "pretrain": {"enabled": False},
+    }
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(config))
+    address = ray.get_runtime_context().gcs_address
+    assert main(["train", str(path), "--workers", "2", "--no-compare"]) == 0
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == address
+    summary = json.loads((tmp_path / "runs" / "cli-workers" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    config_used = json.loads((tmp_path / "runs" / "cli-workers" / "config.json").read_text())
+    assert config_used["cluster"]["num_workers"] == 2
+    records = (tmp_path / "runs" / "cli-workers" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["redispatched"] for r in records] == [0, 0]  # cluster-only metric
+
+
+@pytest.mark.slow
+def test_bench_scaling_quick_writes_its_ratios(ray_cluster, tiny_config, tmp_path, capsys):
+    from jobs.bench_scaling import main as bench_main
+
+    path = tmp_path / "bench.yaml"
+    path.write_text(json.dumps(tiny_config().model_dump(mode="json")))  # JSON is YAML
+    out = tmp_path / "scaling"
+    assert bench_main(["--config", str(path), "--out", str(out), "--quick"]) == 0
+    result = json.loads((out / "scaling.json").read_text())
+    assert result["speedup_2v1"] > 0 and 0 < result["worker_efficiency"]
+    assert set(result["projected_step_seconds"]) >= {"8", "16", "32", "64"}
+    assert (out / "scaling.png").is_file()
+    assert "speedup 2 workers vs 1" in capsys.readouterr().out
