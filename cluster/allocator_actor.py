@@ -21,8 +21,8 @@ from ray.exceptions import RayActorError
 
 from fqa.checkpoint import latest_checkpoint, load_checkpoint
 from fqa.config import Config
-from fqa.estimators import ShardResult, create_estimator
-from fqa.setup import build_allocator
+from fqa.estimators import ShardResult
+from fqa.setup import build_allocator, configured_estimator
 from fqa.stats import DatapointStats
 from fqa.step import Planned, QueryPlanner
 
@@ -39,15 +39,8 @@ class AllocatorStateLost(RuntimeError):
 class AllocatorActor:
     def __init__(self, config_json: str, variance_scale: float) -> None:
         config = Config.model_validate_json(config_json)
-        est = config.estimator
         # planning is pure (ids, counts -> shards): no model needed, unlike build_estimator
-        estimator = create_estimator(
-            est.name,
-            epsilon=est.epsilon,
-            sigma=est.sigma,
-            antithetic=est.antithetic,
-            hook_conv=est.hook_conv,
-        )
+        estimator = configured_estimator(config)
         self.planner = QueryPlanner(config, estimator, build_allocator(config), variance_scale)
         # a restarted actor reruns __init__ and would silently plan from empty statistics;
         # until the driver restores it, every call says so instead

@@ -87,7 +87,11 @@ def run_efficiency_bench(args) -> dict:
     checkpoint = ensure_pretrained(load_config(args.config), progress=True)  # once, before the pool
     jobs = []
     for regime, (regime_overrides, uniform_qs, alloc_qs) in REGIMES.items():
-        overrides = {**regime_overrides, "model.checkpoint": str(checkpoint), "pretrain.enabled": False}
+        overrides = {
+            **regime_overrides,
+            "model.checkpoint": str(checkpoint),
+            "pretrain.enabled": False,
+        }
         for seed in range(args.seeds):
             jobs += [
                 (regime, "uniform", q, overrides, args.config, args.total_queries, seed)

@@ -7,18 +7,6 @@ import json
 import logging
 import sys
 
-import yaml
-
-
-def _overrides(pairs: list[str]) -> dict:
-    parsed = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects KEY=VALUE (e.g. train.lr=0.01), got {pair!r}")
-        key, value = pair.split("=", 1)
-        parsed[key] = yaml.safe_load(value)  # numbers, booleans, lists; never code
-    return parsed
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fqa", description="forward query allocation")
@@ -106,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from fqa.config import load_config, with_overrides
+    from fqa.config import load_config, parse_overrides, with_overrides
     from fqa.experiment import run_experiment
     from fqa.trainer import TrainingError
 
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)
     factory = None
     if args.workers is not None:
         if args.workers < 1:

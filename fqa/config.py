@@ -241,6 +241,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     return parse_config(data)
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.01", ...]`` -> ``{"train.lr": 0.01}``; values are YAML scalars, never code."""
+    parsed = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=0.01), got {pair!r}")
+        key, value = pair.split("=", 1)
+        parsed[key] = yaml.safe_load(value)
+    return parsed
+
+
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``data['a']['b'] = value`` for ``dotted='a.b'`` (command-line overrides)."""
     *parents, leaf = dotted.split(".")

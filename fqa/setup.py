@@ -40,15 +40,22 @@ def build_task(config: Config) -> ImageClassificationTask:
     return build_image_task(config, splits, num_classes)
 
 
-def build_estimator(config: Config, task) -> Estimator:
+def configured_estimator(config: Config) -> Estimator:
+    """The estimator the config names; enough for planning shards (no model needed)."""
     est = config.estimator
-    estimator = create_estimator(
+    return create_estimator(
         est.name,
         epsilon=est.epsilon,
         sigma=est.sigma,
         antithetic=est.antithetic,
         hook_conv=est.hook_conv,
     )
+
+
+def build_estimator(config: Config, task) -> Estimator:
+    """The configured estimator, with the task's model prepared for it."""
+    est = config.estimator
+    estimator = configured_estimator(config)
     if est.name == "lr":
         # LR estimates only the weights of the layers it injects noise into; freeze the
         # rest (norms, embeddings) rather than let the optimizer see zero gradients.

@@ -16,19 +16,7 @@ import sys
 import traceback
 from typing import Any
 
-import yaml
-
-from fqa.config import Config, ConfigError, load_config, with_overrides
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    parsed = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=0.01), got {pair!r}")
-        key, value = pair.split("=", 1)
-        parsed[key] = yaml.safe_load(value)  # numbers, booleans, lists; never code
-    return parsed
+from fqa.config import Config, ConfigError, load_config, parse_overrides, with_overrides
 
 
 def prepare(config: Config) -> Config:

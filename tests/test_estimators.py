@@ -79,7 +79,9 @@ def test_weighting_datapoints_by_query_count_is_detected(vit_head_task, name):
         return float(projections.mean() / (projections.std() / len(projections) ** 0.5))
 
     unbiased = t_statistic(_draws(task, estimator, reps=200, counts=counts))
-    weighted_by_count = t_statistic(_draws(task, estimator, reps=200, counts=counts, reweight=biased))
+    weighted_by_count = t_statistic(
+        _draws(task, estimator, reps=200, counts=counts, reweight=biased)
+    )
     assert abs(unbiased) < 4.0
     assert weighted_by_count > 6.0
 
