@@ -37,7 +37,7 @@ def _estimate(trainer: Trainer, ids, counts, baselines, seed: int) -> torch.Tens
     )
     results = [trainer.estimator.evaluate(trainer.task, s) for s in shards]
     trainer.estimator.write_grad(trainer.task, shards, results)
-    return _flat_grad(trainer.params), results
+    return _flat_grad(trainer.params)
 
 
 def _autograd(trainer: Trainer, ids) -> torch.Tensor:
@@ -66,7 +66,7 @@ def true_variances(trainer: Trainer, ids, baselines, samples: int) -> np.ndarray
                             np.array([1]),
                             baselines[i : i + 1],
                             10_000 + k,
-                        )[0]
+                        )
                         - g_i
                     )
                     ** 2
@@ -154,7 +154,7 @@ def run_one_estimator(args, estimator: str) -> dict:
                     oracle_variance=v_true,
                 )
                 counts = allocator.allocate(request).counts
-                estimate, _ = _estimate(trainer, ids, counts, baselines, 1_000_000 + rep)
+                estimate = _estimate(trainer, ids, counts, baselines, 1_000_000 + rep)
                 per_rep.append(float(((estimate - truth) ** 2).sum()))
             errors[name] = float(np.mean(per_rep))
         uniform = errors["uniform"]

@@ -73,10 +73,6 @@ class ImageClassificationTask(Task):
         inputs, labels = self._rows(ids)
         return F.cross_entropy(self.model(inputs), labels)
 
-    def per_example_losses_with_grad(self, ids: np.ndarray) -> torch.Tensor:
-        inputs, labels = self._rows(ids)
-        return F.cross_entropy(self.model(inputs), labels, reduction="none")
-
     def evaluate(self, split: str) -> dict[str, float]:
         inputs, labels = self._inputs[split], self._labels[split]
         total_loss, correct = 0.0, 0
