@@ -45,6 +45,9 @@ class AllocatorActor:
         # a restarted actor reruns __init__ and would silently plan from empty statistics;
         # until the driver restores it, every call says so instead
         self.loaded = False
+        # idempotency key of learn(): the last step learned; a retried call is ignored
+        self.learned_step = -1
+        self.duplicates = 0
 
     def _check(self) -> None:
         if not self.loaded:
@@ -59,7 +62,14 @@ class AllocatorActor:
 
     def learn(self, planned: Planned, results: list[ShardResult]) -> dict[str, float]:
         self._check()
+        if planned.step <= self.learned_step:
+            self.duplicates += 1  # Ray delivered this step's call twice: learn it once
+            return {}
+        self.learned_step = planned.step
         return self.planner.learn(planned, results)
+
+    def duplicates_ignored(self) -> int:
+        return self.duplicates
 
     def state(self) -> dict[str, Any]:
         self._check()
@@ -78,12 +88,16 @@ class AllocatorActor:
         state: dict[str, Any],
         stats: DatapointStats,
         replay: list[tuple[Planned, list[ShardResult]]] = (),
+        step: int = 0,
     ) -> None:
+        """The statistics and allocator as of ``step`` (a checkpoint), then the learn calls
+        made since."""
         # arrays from the object store are read-only views; the statistics update in place
         self.planner.load_state(copy.deepcopy(state), copy.deepcopy(stats))
-        for planned, results in copy.deepcopy(list(replay)):
-            self.planner.learn(planned, results)
+        self.learned_step = step - 1
         self.loaded = True
+        for planned, results in copy.deepcopy(list(replay)):
+            self.learn(planned, results)
 
 
 class RemotePlanner:
@@ -114,7 +128,7 @@ class RemotePlanner:
         self._learned: list[tuple[Planned, list[ShardResult]]] = []  # since the checkpoint
         self.restores = 0  # times the actor was restored
         self.actor = self._spawn()
-        ray.get(self.actor.load_state.remote(state, stats))
+        ray.get(self.actor.load_state.remote(state, stats, (), start_step))
 
     def _spawn(self) -> ray.actor.ActorHandle:
         actor = ray.remote(num_cpus=0, max_restarts=_MAX_RESTARTS)(AllocatorActor)
@@ -125,8 +139,19 @@ class RemotePlanner:
         return self._call("plan", step, ids, losses)
 
     def learn(self, planned: Planned, results: list[ShardResult]) -> dict[str, float]:
-        # statistics need the per-sample scalars only, never the lr gradient tensors
-        light = [dataclasses.replace(r, grads=None) for r in results]
+        # statistics need the per-sample scalars only, never the lr gradient tensors; the
+        # arrays are copied because a view would pin the whole deserialized result (its
+        # gradients included) in memory until the next checkpoint
+        light = [
+            dataclasses.replace(
+                r,
+                grads=None,
+                ids=np.array(r.ids),
+                values=np.array(r.values),
+                stat_values=np.array(r.stat_values),
+            )
+            for r in results
+        ]
         learned = self._call("learn", planned, light)
         self._learned.append((planned, light))
         return learned
@@ -165,10 +190,10 @@ class RemotePlanner:
         deadline = time.monotonic() + _RESTORE_TIMEOUT_S
         while True:
             try:
-                ray.get(self.actor.load_state.remote(state, stats, replay))
+                ray.get(self.actor.load_state.remote(state, stats, replay, step))
                 break
             except RayActorError:
-                if _is_dead(self.actor):  # no restarts left (or a dead node): a new actor
+                if actor_is_dead(self.actor):  # no restarts left (or a dead node): a new actor
                     self.actor = self._spawn()
                     continue
                 if time.monotonic() > deadline:
@@ -186,7 +211,7 @@ class RemotePlanner:
         return {"allocator": data.state["allocator"]}, stats, int(data.state["step"])
 
 
-def _is_dead(actor: ray.actor.ActorHandle) -> bool:
+def actor_is_dead(actor: ray.actor.ActorHandle) -> bool:
     """True once Ray will not restart the actor (its restarts are used up)."""
     try:
         from ray._private.state import actors  # GCS actor table; no dashboard needed

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from cluster.allocator_actor import RemotePlanner
+from cluster.allocator_actor import RemotePlanner, actor_is_dead
+from cluster.dispatch import evaluate_on_workers
 from cluster.runtime import ClusterResourceError, connect, require_resources
 from cluster.worker import parameter_checksum, remote_worker_class
 from fqa.config import Config
@@ -32,8 +32,10 @@ from fqa.trainer import StepPlan, Trainer
 log = logging.getLogger(__name__)
 
 _MAX_RESTARTS = 4  # per worker; a worker past this is dropped and its shards go elsewhere
-_IN_FLIGHT = 2  # shards queued per worker, so a worker never idles between shards
 _START_TIMEOUT_S = 300.0  # model build + data load on a fresh worker
+# past this many bytes of logged lr gradients, a restarted worker is resynced from the
+# driver instead of replaying the log, which keeps the driver's memory bounded
+_UPDATE_LOG_BYTES = 64 * 1024**2
 
 
 class ClusterError(RuntimeError):
@@ -75,6 +77,8 @@ class ClusterTrainer(Trainer):
         # each step's update as broadcast since the last checkpoint: with that checkpoint,
         # all a restarted worker needs to rebuild its replica
         self.updates: list[tuple[int, list[Shard], list[ShardResult], int]] = []
+        self.update_bytes = 0  # tensor bytes held by self.updates
+        self.log_complete = True  # False once the log was dropped for its size
         self.checkpoint: Path | None = getattr(self, "checkpoint", None)  # set on resume
         self.rebuilt = 0  # restarted workers rebuilt from checkpoint + updates
         # bumped when a worker is rebuilt or resynced, so failures of calls sent to its
@@ -83,6 +87,8 @@ class ClusterTrainer(Trainer):
         self.dead: set[int] = set()
         self.resyncs = 0  # checksum mismatches repaired
         self.redispatched = 0  # shards re-run after their worker died
+        self.hung = 0  # workers killed for holding work past cluster.shard_timeout_s
+        self.duplicates = 0  # shard results for an already answered (step, shard) key
         self.result_bytes: list[int] = []  # pickled shard results returned per step
         self.replica_checksums: list[str] = []  # the workers' checksums at the end of fit
         # tests inject faults here: called once per step after the shards are dispatched
@@ -110,7 +116,7 @@ class ClusterTrainer(Trainer):
         checkpoint plus the updates since; with no checkpoint yet, or when that fails, it
         loads the driver's replica (as does a worker whose checksum mismatched)."""
         for index in sorted(self.lost - self.dead):
-            if self.checkpoint is None or not self._rebuild(index):
+            if self.checkpoint is None or not self.log_complete or not self._rebuild(index):
                 self.dirty.add(index)
         self.lost.clear()
         if self.dirty - self.dead:
@@ -131,12 +137,15 @@ class ClusterTrainer(Trainer):
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
-                ray.get(self.workers[index].load_state.remote(*state), timeout=_START_TIMEOUT_S)
+                ref = self.workers[index].load_state.remote(*state, self.step)
+                ray.get(ref, timeout=_START_TIMEOUT_S)
                 self.generation[index] += 1
                 return True
             except GetTimeoutError:
                 return False
             except RayActorError:
+                if actor_is_dead(self.workers[index]):  # out of restarts: gone for good
+                    return False
                 time.sleep(0.5)
         return False
 
@@ -150,6 +159,8 @@ class ClusterTrainer(Trainer):
             except GetTimeoutError:
                 return False
             except RayActorError:
+                if actor_is_dead(self.workers[index]):  # out of restarts: gone for good
+                    return False
                 time.sleep(0.5)
         else:
             return False
@@ -163,6 +174,25 @@ class ClusterTrainer(Trainer):
         )
         return True
 
+    def _hung(self, index: int, why: str) -> None:
+        """Kill a worker that stopped answering; Ray restarts it and _live() rebuilds it."""
+        log.warning("worker %d is hung (%s); restarting it", index, why)
+        self.hung += 1
+        ray.kill(self.workers[index], no_restart=False)
+        self.lost.add(index)
+
+    def _get(self, index: int, ref: ray.ObjectRef) -> Any:
+        """A worker call's result within cluster.shard_timeout_s; None if the worker died
+        or hung (it is then rebuilt before its next call)."""
+        limit = self.config.cluster.shard_timeout_s
+        try:
+            return ray.get(ref, timeout=limit)
+        except GetTimeoutError:
+            self._hung(index, f"no answer within cluster.shard_timeout_s={limit:g}s")
+        except RayActorError:
+            self._lost(index)
+        return None
+
     def _lost(self, index: int, generation: int | None = None) -> None:
         if generation is not None and generation != self.generation[index]:
             return  # a call to the instance that was already replaced
@@ -175,43 +205,16 @@ class ClusterTrainer(Trainer):
         ids = self.sampler.batch(step)
         while True:  # the pre-pass on one worker; retried on another if it dies
             index = self._live()[step % len(self._live())]
-            try:
-                prepass = ray.get(self.workers[index].prepass.remote(ids))
+            prepass = self._get(index, self.workers[index].prepass.remote(ids))
+            if prepass is not None:
                 break
-            except RayActorError:
-                self._lost(index)
         return StepPlan(step, ids, prepass, self.planner.plan(step, ids, prepass["loss"]))
 
     def evaluate_shards(self, plan: StepPlan) -> list[ShardResult]:
-        """Shards go out a few per worker and come back as they complete; results are
-        put back in plan order, and a dead worker's shards run again elsewhere."""
-        shards = plan.shards
-        results: list[ShardResult | None] = [None] * len(shards)
-        pending = deque(range(len(shards)))
-        in_flight: dict[ray.ObjectRef, tuple[int, int, int]] = {}
-        hooked = self.fault_hook is None
-        while pending or in_flight:
-            live = self._live()
-            load = {i: 0 for i in live}
-            for _, worker, _ in in_flight.values():
-                load[worker] = load.get(worker, 0) + 1
-            for index in live:
-                while pending and load[index] < _IN_FLIGHT:
-                    shard = pending.popleft()
-                    ref = self.workers[index].evaluate.remote(shards[shard])
-                    in_flight[ref] = (shard, index, self.generation[index])
-                    load[index] += 1
-            if not hooked:
-                hooked = True
-                self.fault_hook(self, plan.step)
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            shard, index, generation = in_flight.pop(done[0])
-            try:
-                results[shard] = ray.get(done[0])
-            except RayActorError:
-                self._lost(index, generation)
-                pending.appendleft(shard)
-                self.redispatched += 1
+        """On the workers (cluster.dispatch); results in plan order, each exactly once."""
+        ledger = evaluate_on_workers(self, plan)
+        self.duplicates += ledger.duplicates
+        results = ledger.results
         self.result_bytes.append(sum(len(pickle.dumps(r)) for r in results))
         return results  # type: ignore[return-value]
 
@@ -225,19 +228,32 @@ class ClusterTrainer(Trainer):
             i: self.workers[i].apply.remote(plan.step, shards_ref, record_ref, prepass_nonfinite)
             for i in self._live()
         }
-        self.updates.append((plan.step, shards, record, prepass_nonfinite))  # after _live()
+        self._log_update(plan.step, shards, record, prepass_nonfinite)  # after _live()
         metrics = super().apply_step(plan, results)
         for index, ref in refs.items():
-            try:
-                ray.get(ref)
-            except RayActorError:
-                self._lost(index)  # resynced from the driver before its next shard
+            self._get(index, ref)  # a lost worker is rebuilt before its next shard
         if self.step % self.config.cluster.checksum_every == 0:
             self.verify_replicas()
-        metrics.update(resyncs=self.resyncs, redispatched=self.redispatched)
+        metrics.update(resyncs=self.resyncs, redispatched=self.redispatched, hung=self.hung)
+        # the step's idempotency keys: shards planned, results accepted, duplicates ignored
+        metrics.update(shards=len(plan.shards), shards_applied=len(results))
+        metrics["duplicates"] = self.duplicates
         metrics["result_bytes"] = self.result_bytes[-1] if self.result_bytes else 0
         self._pending = metrics
         return metrics
+
+    def _log_update(self, step: int, shards, record, prepass_nonfinite: int) -> None:
+        """Keep the update for restarted workers, unless the log outgrew its memory cap."""
+        if not self.log_complete:
+            return
+        self.update_bytes += sum(t.nbytes for r in record for t in (r.grads or {}).values())
+        if self.update_bytes > _UPDATE_LOG_BYTES:
+            log.info(
+                "update log past %d bytes; dropped until the next checkpoint", _UPDATE_LOG_BYTES
+            )
+            self.updates, self.update_bytes, self.log_complete = [], 0, False
+            return
+        self.updates.append((step, shards, record, prepass_nonfinite))
 
     def _update_record(
         self, shards: list[Shard], results: list[ShardResult]
@@ -273,11 +289,10 @@ class ClusterTrainer(Trainer):
         refs = {i: self.workers[i].checksum.remote() for i in live}
         sums: dict[int, str] = {}
         for index, ref in refs.items():
-            try:
-                sums[index] = value = ray.get(ref)
-            except RayActorError:
-                self._lost(index)
+            value = self._get(index, ref)
+            if value is None:
                 continue
+            sums[index] = value
             if value != expected:
                 log.warning(
                     "worker %d's parameters differ from the driver's at step %d; resyncing",
@@ -295,7 +310,8 @@ class ClusterTrainer(Trainer):
             summary = super().fit()
             self.replica_checksums = self.verify_replicas()
             summary.update(workers=len(self.workers), resyncs=self.resyncs)
-            summary["redispatched"] = self.redispatched
+            summary.update(redispatched=self.redispatched, hung=self.hung)
+            summary["duplicates"] = self.duplicates
             return summary
         finally:
             self.close()
@@ -308,6 +324,7 @@ class ClusterTrainer(Trainer):
         path = super().save()
         self.planner.checkpointed(self.step)
         self.checkpoint, self.updates = path, []  # the checkpoint holds every update so far
+        self.update_bytes, self.log_complete = 0, True
         self._report(path)
         return path
 
@@ -323,6 +340,8 @@ class ClusterTrainer(Trainer):
         """Inside a Tune trial, the finished step's metrics (and checkpoint) go to Tune."""
         if self._pending is None or not in_tune_session():
             return
+        if checkpoint_dir is None and not any(k.startswith("val_") for k in self._pending):
+            return  # Tune gets evaluations and checkpoints: each report is a round trip
         from ray import tune
 
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None

@@ -41,6 +41,10 @@ class QueryWorker:
         self.params = [p for _, p in self.task.trainable_parameters()]
         self.optimizer = build_optimizer(self.config, self.params)
         self.updater = ReplicaUpdater(self.config, self.task, self.estimator, self.optimizer)
+        # idempotency key of the updates: a replayed or retried apply() for a step this
+        # replica already holds is ignored (None: unknown, accept the next one)
+        self.applied_step: int | None = None
+        self.duplicates = 0
 
     def ready(self) -> bool:
         return True
@@ -48,18 +52,22 @@ class QueryWorker:
     def variance_scale(self) -> float:
         return self.estimator.variance_scale(self.task)
 
-    def load_state(self, model_state: dict[str, torch.Tensor], optimizer_state: dict) -> None:
-        """Resynchronise (start-up, restart, checksum mismatch) from the driver's replica."""
+    def load_state(
+        self, model_state: dict[str, torch.Tensor], optimizer_state: dict, step: int | None = None
+    ) -> None:
+        """Resynchronise (start-up, restart, checksum mismatch) from the driver's replica,
+        which holds every update before ``step``."""
         self.task.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.optimizer.zero_grad(set_to_none=True)
+        self.applied_step = None if step is None else step - 1
 
     def restore(self, checkpoint: str, updates: list[tuple[Any, ...]]) -> str:
         """Rebuild after a restart: the checkpoint on the storage path, then the updates
         since (each ``apply``'s arguments, as the driver broadcast them). Returns the
         checksum, which the driver compares with its own replica's."""
         data = load_checkpoint(Path(checkpoint))
-        self.load_state(data.model, data.optimizer)
+        self.load_state(data.model, data.optimizer, int(data.state["step"]))
         for step, shards, results, prepass_nonfinite in updates:
             self.apply(step, shards, results, prepass_nonfinite)
         return self.checksum()
@@ -86,7 +94,11 @@ class QueryWorker:
 
     def apply(
         self, step: int, shards: list[Shard], results: list[ShardResult], prepass_nonfinite: int
-    ) -> UpdateOutcome:
+    ) -> UpdateOutcome | None:
+        if self.applied_step is not None and step <= self.applied_step:
+            self.duplicates += 1  # a retried or replayed delivery: already in the replica
+            return None
+        self.applied_step = step
         return self.updater.apply(step, shards, results, prepass_nonfinite)
 
     def checksum(self) -> str:

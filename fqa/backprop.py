@@ -44,8 +44,7 @@ def train_backprop(
         "allocator": "-",
         "steps": steps,
         "queries": steps * config.train.batch_size * BACKPROP_FORWARD_EQUIVALENTS,
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
+        **{f"test_{k}": v for k, v in test.items()},  # accuracy, loss and task metrics
         "val_accuracy": task.evaluate("validation")["accuracy"],
         "seconds": time.perf_counter() - started,
     }
@@ -54,6 +53,10 @@ def train_backprop(
 def pretrain_config(config: Config) -> Config:
     """The source task: the pretrain classes only, all parameters, backpropagation."""
     pre = config.pretrain
+    clip = {}
+    if config.task.name.startswith("clip_"):
+        # CLIP: contrastive pretraining of the towers, whichever task follows
+        clip = {"task.name": "clip_align", "estimator.name": "spsa"}
     return with_overrides(
         config,
         {
@@ -66,6 +69,7 @@ def pretrain_config(config: Config) -> Config:
             "train.batch_size": pre.batch_size,
             "estimator.name": "lr",
             "allocator.name": "uniform",
+            **clip,
         },
     )
 
@@ -73,7 +77,10 @@ def pretrain_config(config: Config) -> Config:
 def ensure_pretrained(config: Config, progress: bool = True) -> Path:
     """Pretrain the backbone on the source classes once; later runs reuse the cached file."""
     source = pretrain_config(config)
-    key = source.fingerprint(("run.seed", "data", "model", "pretrain"))
+    fields = ("run.seed", "data", "model", "pretrain")
+    if config.task.name.startswith("clip_"):
+        fields += ("task.name", "task.caption_templates")
+    key = source.fingerprint(fields)
     path = Path(config.pretrain.cache_dir) / f"pretrain-{key}.safetensors"
     if path.is_file():
         return path

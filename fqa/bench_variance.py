@@ -1,16 +1,23 @@
-"""``fqa bench variance``: gradient-estimator error per allocator at equal budgets.
+"""``python -m jobs.bench variance``: gradient-estimator error per allocator at equal budgets.
 
 A fixed, partially trained ViT and a fixed batch. For every estimator, budget and
 allocator, the error ‖ĝ − g‖² against the autograd batch gradient is averaged over
 repetitions (the estimator is unbiased, so this is its variance). The oracle knows
 the true per-datapoint v_i; the learned allocators see only statistics gathered on
-earlier batches (METHOD.md §4). Writes variance.json and variance.png.
+earlier batches (METHOD.md §4). ``gaussian`` is the learned allocator as it is after
+the online learning steps (one Adam step per training step, as in training);
+``gaussian_fit`` is the same allocator after further offline Adam passes over the
+recorded history (the learning steps' batches, scored with the final statistics: no
+query is spent and nothing of the evaluated batch's repetitions is seen). Standard
+errors: of each mean error over repetitions, and of the share of the oracle's reduction
+by bootstrap over repetitions. Writes variance.json and variance.png.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +28,11 @@ from fqa.allocators import AllocationRequest, create_allocator
 from fqa.backprop import ensure_pretrained, train_backprop
 from fqa.config import load_config, with_overrides
 from fqa.plots import plt
+from fqa.seeding import derive_seed
 from fqa.stats import DatapointStats
 from fqa.trainer import Trainer
 
-ALLOCATORS = ("uniform", "bernoulli", "neyman", "gaussian", "oracle")
+ALLOCATORS = ("uniform", "bernoulli", "neyman", "gaussian", "gaussian_fit", "oracle")
 
 
 def _flat_grad(params) -> torch.Tensor:
@@ -80,16 +88,18 @@ def true_variances(trainer: Trainer, ids, baselines, samples: int) -> np.ndarray
 
 def learn_allocators(
     trainer: Trainer, steps: int, progress: bool
-) -> tuple[DatapointStats, dict, float]:
+) -> tuple[DatapointStats, dict, float, list[AllocationRequest]]:
     """Gather statistics and fit the gaussian allocator on other batches of the fixed model.
 
-    Returns the statistics, the gaussian allocator's state and the allocation overhead
-    (allocate + learn time as a fraction of step time).
+    Returns the statistics, the gaussian allocator's state, the allocation overhead
+    (allocate + learn time as a fraction of step time) and the steps' requests.
     """
     allocator_seconds, step_seconds = 0.0, 0.0
+    history = []
     for step in tqdm(range(steps), disable=not progress, desc="learn allocator"):
         started = time.perf_counter()
         plan = trainer.plan_step(step)
+        history.append(plan.planned.request)
         results = trainer.evaluate_shards(plan)
         learn_started = time.perf_counter()
         trainer.planner.learn(plan.planned, results)
@@ -99,7 +109,40 @@ def learn_allocators(
         trainer.stats,
         trainer.allocator.state_dict(),
         allocator_seconds / max(step_seconds, 1e-12),
+        history,
     )
+
+
+def refit_gaussian(
+    state: dict, history: list[AllocationRequest], stats: DatapointStats, scale: float, passes: int
+) -> dict:
+    """More Adam steps of the gaussian allocator over the recorded batches, each scored
+    with the final statistics (fresh ξ per pass): the warm-up a longer run would give."""
+    allocator = create_allocator("gaussian")
+    allocator.load_state_dict(state)
+    for k in range(passes):
+        for j, old in enumerate(history):
+            request = replace(old, seed=derive_seed(old.seed, "allocation", k, j), variance=None)
+            allocation = allocator.allocate(request)
+            allocator.update(request, allocation, stats.lookup(request.ids)[2] * scale)
+    return allocator.state_dict()
+
+
+def _bootstrap_share(
+    per_rep: dict[str, np.ndarray], name: str, rng: np.random.Generator, draws: int = 1000
+) -> float:
+    """Standard error of 1 − (e − e_oracle)/(e_uniform − e_oracle), resampling repetitions."""
+    shares = []
+    for _ in range(draws):
+        means = {
+            k: v[rng.integers(0, len(v), len(v))].mean()
+            for k, v in per_rep.items()
+            if k in (name, "uniform", "oracle")
+        }
+        gap = means["uniform"] - means["oracle"]
+        if gap > 0:
+            shares.append((means["uniform"] - means[name]) / gap)
+    return float(np.std(shares)) if len(shares) > 1 else float("nan")
 
 
 def run_one_estimator(args, estimator: str) -> dict:
@@ -111,8 +154,9 @@ def run_one_estimator(args, estimator: str) -> dict:
         "train.progress": False,
         "run.resume": False,
         "run.name": f"bench-variance-{estimator}",
-        "run.out_dir": str(Path(args.out) / "runs"),
+        "run.out_dir": args.runs,
         "train.queries_per_datapoint": 4,
+        "train.batch_size": args.batch_size,
     }
     if args.quick:
         overrides.update({"train.batch_size": 8, "pretrain.epochs": 1})
@@ -123,24 +167,32 @@ def run_one_estimator(args, estimator: str) -> dict:
     trainer = Trainer(config)
     # "partially trained": a few backpropagation steps so per-datapoint gradients differ
     train_backprop(trainer.task, config, 5 if args.quick else 60, progress=False)
-    stats, gaussian_state, overhead = learn_allocators(trainer, args.learn_steps, not args.quick)
+    stats, gaussian_state, overhead, history = learn_allocators(
+        trainer, args.learn_steps, not args.quick
+    )
+    fitted_state = refit_gaussian(
+        gaussian_state, history, stats, trainer.variance_scale, args.fit_passes
+    )
 
     ids = trainer.sampler.batch(10_000)  # a batch the allocators have not been fitted on
     baselines = trainer.task.prepass(ids)["loss"]
     truth = _autograd(trainer, ids)
-    v_true = true_variances(trainer, ids, baselines, 8 if args.quick else 48)
+    v_true = true_variances(trainer, ids, baselines, 8 if args.quick else args.truth_samples)
     count, _, second = stats.lookup(ids)
     estimated = second * trainer.variance_scale
     gain_star = float(np.mean(v_true) / np.mean(np.sqrt(v_true)) ** 2)
 
     rows = []
     budgets = [int(b) for b in args.budgets.split(",")]
+    rng = np.random.default_rng(0)
+    cells = [(b, name) for b in budgets for name in ALLOCATORS]
+    bar = tqdm(total=len(cells), disable=args.quick, desc=f"variance {estimator}")
     for budget in budgets:
-        errors = {}
+        errors, per_reps = {}, {}
         for name in ALLOCATORS:
-            allocator = create_allocator(name)
-            if name == "gaussian":
-                allocator.load_state_dict(gaussian_state)
+            allocator = create_allocator("gaussian" if name == "gaussian_fit" else name)
+            if name in ("gaussian", "gaussian_fit"):
+                allocator.load_state_dict(gaussian_state if name == "gaussian" else fitted_state)
             per_rep = []
             for rep in range(args.reps):
                 request = AllocationRequest(
@@ -156,7 +208,9 @@ def run_one_estimator(args, estimator: str) -> dict:
                 counts = allocator.allocate(request).counts
                 estimate = _estimate(trainer, ids, counts, baselines, 1_000_000 + rep)
                 per_rep.append(float(((estimate - truth) ** 2).sum()))
+            per_reps[name] = np.asarray(per_rep)
             errors[name] = float(np.mean(per_rep))
+            bar.update(1)
         uniform = errors["uniform"]
         oracle_reduction = 1 - errors["oracle"] / uniform
         for name in ALLOCATORS:
@@ -167,30 +221,38 @@ def run_one_estimator(args, estimator: str) -> dict:
                     "budget": budget,
                     "allocator": name,
                     "error": errors[name],
+                    "error_se": float(per_reps[name].std(ddof=1) / np.sqrt(len(per_reps[name]))),
                     "relative_to_uniform": errors[name] / uniform,
+                    "share_se": _bootstrap_share(per_reps, name, rng),
                     "share_of_oracle_reduction": reduction / oracle_reduction
                     if oracle_reduction > 0
                     else float("nan"),
                 }
             )
+    bar.close()
     return {
         "estimator": estimator,
         "gain_star": gain_star,
+        "gaussian_params": {"online": gaussian_state["phi"], "fitted": fitted_state["phi"]},
         "allocation_overhead": overhead,
         "rows": rows,
         "batch_size": len(ids),
         "trainable": args.trainable,
         "reps": args.reps,
+        "learn_steps": args.learn_steps,
+        "fit_passes": args.fit_passes,
     }
 
 
 def run_variance_bench(args) -> dict:
     if args.quick:
-        args.budgets, args.reps, args.learn_steps = "2,4", 3, 6
+        args.budgets, args.reps, args.learn_steps, args.fit_passes = "2,4", 3, 6, 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     estimators = ["lr", "spsa"] if args.estimator == "both" else [args.estimator]
+    started = time.perf_counter()
     report = {"results": [run_one_estimator(args, name) for name in estimators]}
+    report["wall_seconds"] = time.perf_counter() - started
     (out / "variance.json").write_text(json.dumps(report, indent=1))
     _plot(report, out / "variance.png")
     print(format_report(report))
@@ -206,12 +268,14 @@ def format_report(report: dict) -> str:
             f"allocation overhead {100 * result['allocation_overhead']:.2f}% of step time"
         )
         lines.append(
-            f"  {'budget':>6} {'allocator':<10} {'error':>11} {'vs uniform':>10} {'of oracle gain':>15}"
+            f"  {'budget':>6} {'allocator':<12} {'error ± se':>20} {'vs uniform':>10} "
+            f"{'of oracle gain ± se':>20}"
         )
         for row in result["rows"]:
             lines.append(
-                f"  {row['budget']:>6} {row['allocator']:<10} {row['error']:>11.4g} "
-                f"{row['relative_to_uniform']:>10.3f} {row['share_of_oracle_reduction']:>15.2f}"
+                f"  {row['budget']:>6} {row['allocator']:<12} {row['error']:>10.4g} ± {row['error_se']:<7.2g} "
+                f"{row['relative_to_uniform']:>10.3f} {row['share_of_oracle_reduction']:>12.2f} ± "
+                f"{row['share_se']:.2f}"
             )
     return "\n".join(lines)
 
@@ -238,3 +302,34 @@ def _plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default="jobs/configs/vit_digits.yaml")
+    parser.add_argument("--estimator", default="both", choices=["lr", "spsa", "both"])
+    parser.add_argument(
+        "--trainable", default="last_blocks", choices=["head", "last_blocks", "lora", "full"]
+    )
+    parser.add_argument(
+        "--budgets", default="2,4,8,16", help="samples per datapoint, comma separated"
+    )
+    parser.add_argument("--reps", type=int, default=20, help="repetitions per cell")
+    parser.add_argument("--batch-size", type=int, default=16, help="the fixed batch's size")
+    parser.add_argument(
+        "--learn-steps", type=int, default=100, help="steps to learn allocator parameters"
+    )
+    parser.add_argument(
+        "--fit-passes",
+        type=int,
+        default=10,
+        help="offline passes for gaussian_fit over the history",
+    )
+    parser.add_argument(
+        "--truth-samples",
+        type=int,
+        default=32,
+        help="lr: Monte Carlo samples per datapoint for v_i",
+    )
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--runs", default="runs/bench", help="scratch run directories")
+    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")

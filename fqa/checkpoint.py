@@ -98,8 +98,10 @@ def save_checkpoint(
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step:06d}"
+    # half-written directories of a writer that was killed (one driver per run directory)
+    for stale in directory.glob(".step-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = directory / f".step-{step:06d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(model_state, str(tmp / "model.safetensors"))
@@ -113,9 +115,13 @@ def save_checkpoint(
     for name in (*_FILES, "manifest.json"):
         with open(tmp / name, "rb") as handle:
             os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # rewriting a step: never leave a moment with no copy at all
+        old = final.with_name(f".{final.name}.tmp-old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     write_text_atomic(directory / "latest", final.name)
     _prune(directory, keep)
     return final
@@ -128,11 +134,15 @@ def _prune(directory: Path, keep: int) -> None:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint ``latest`` names; if a crash left it dangling (or missing while
+    checkpoints exist), the newest complete one."""
     pointer = directory / "latest"
-    if not pointer.is_file():
-        return None
-    path = directory / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if pointer.is_file():
+        path = directory / pointer.read_text().strip()
+        if (path / "manifest.json").is_file():
+            return path
+    complete = sorted(p for p in directory.glob("step-*") if (p / "manifest.json").is_file())
+    return complete[-1] if complete else None
 
 
 def load_checkpoint(path: Path) -> CheckpointData:

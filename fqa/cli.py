@@ -1,4 +1,4 @@
-"""The ``fqa`` command line: ``fqa train``, ``fqa data prepare``, ``fqa bench variance``."""
+"""The ``fqa`` command line: ``fqa train``, ``fqa data prepare``, ``fqa bench <name>``."""
 
 from __future__ import annotations
 
@@ -33,34 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--out", required=True, help="output directory")
     prepare.add_argument("--seed", type=int, default=0)
 
-    bench = commands.add_parser("bench", help="benchmarks")
+    bench = commands.add_parser("bench", help="benchmarks (scaling: python -m jobs.bench scaling)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    variance = bench_commands.add_parser(
-        "variance", help="gradient-estimator variance per allocator"
-    )
-    variance.add_argument("--config", default="jobs/configs/vit_digits.yaml")
-    variance.add_argument("--estimator", default="both", choices=["lr", "spsa", "both"])
-    variance.add_argument(
-        "--trainable", default="last_blocks", choices=["head", "last_blocks", "lora", "full"]
-    )
-    variance.add_argument(
-        "--budgets", default="2,4,8,16", help="samples per datapoint, comma separated"
-    )
-    variance.add_argument("--reps", type=int, default=50)
-    variance.add_argument(
-        "--learn-steps", type=int, default=200, help="steps to learn allocator parameters"
-    )
-    variance.add_argument("--out", default="runs/bench/variance")
-    variance.add_argument("--quick", action="store_true", help="tiny settings for tests")
+    from fqa import bench_accuracy, bench_throughput, bench_variance
 
-    efficiency = bench_commands.add_parser(
-        "efficiency", help="queries to reach the best uniform accuracy"
-    )
-    efficiency.add_argument("--config", default="jobs/configs/vit_digits.yaml")
-    efficiency.add_argument("--total-queries", type=int, default=172_800, help="per run")
-    efficiency.add_argument("--seeds", type=int, default=1)
-    efficiency.add_argument("--workers", type=int, default=2, help="runs in parallel")
-    efficiency.add_argument("--out", default="runs/bench/efficiency")
+    for name, module in (
+        ("variance", bench_variance),
+        ("accuracy", bench_accuracy),
+        ("throughput", bench_throughput),
+    ):
+        module.add_arguments(
+            bench_commands.add_parser(name, help=module.__doc__.splitlines()[0].split(": ", 1)[-1])
+        )
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -77,15 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             paths = prepare_digits(args.out, seed=args.seed)
             print(json.dumps({k: str(v) for k, v in paths.items()}))
             return 0
-        if args.command == "bench" and args.bench_command == "variance":
-            from fqa.bench_variance import run_variance_bench
-
-            run_variance_bench(args)
-            return 0
-        if args.command == "bench" and args.bench_command == "efficiency":
-            from fqa.bench_efficiency import run_efficiency_bench
-
-            run_efficiency_bench(args)
+        if args.command == "bench":
+            run = {
+                "variance": bench_variance.run_variance_bench,
+                "accuracy": bench_accuracy.run_accuracy_bench,
+                "throughput": bench_throughput.run_throughput_bench,
+            }[args.bench_command]
+            run(args)
             return 0
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:
         print(f"fqa: error: {exc}", file=sys.stderr)

@@ -116,12 +116,31 @@ class CompareConfig(_Section):
     allocators: list[str] = Field(default_factory=list)  # extra forward runs, same budget
 
 
+class TaskConfig(_Section):
+    # what is learned; the CLIP tasks read model.name as an open_clip model
+    name: Literal["image_classification", "clip_align", "clip_prompt"] = "image_classification"
+    # CLIP: training captions written from class names by these templates, one chosen by
+    # the image's index (None: the Parquet caption column)
+    caption_templates: list[str] | None = None
+    # CLIP: zero-shot class prompts, text features averaged over the templates
+    prompt_templates: list[str] = Field(default_factory=lambda: ["a photo of the digit {}"])
+    contrast_size: int = Field(16, ge=2)  # clip_align: pairs per InfoNCE contrast group
+    align_rank: int | None = Field(None, ge=1)  # clip_align: low-rank adapter heads (None: full)
+    ctx_init: str | None = "a photo of the digit"  # clip_prompt: context words (None: random)
+    n_ctx: int = Field(4, ge=1)  # clip_prompt: context tokens when ctx_init is None
+    class_specific: bool = False  # clip_prompt: one context per class (CoOp's CSC)
+    cache_features: bool = True  # clip_prompt: image features computed once per image
+
+
 class ClusterConfig(_Section):
     # used only by cluster/ (the Ray layer); the single-process trainer ignores it
     num_workers: int = Field(2, ge=1)  # QueryWorker actors (one per GPU on a GPU cluster)
     cpus_per_worker: float = Field(1.0, gt=0)  # CPU share reserved by each worker
     gpus_per_worker: float = Field(0.0, ge=0)  # GPUs reserved by each worker (1: one per GPU)
     checksum_every: int = Field(10, ge=1)  # steps between replica checksum comparisons
+    # seconds a worker may take for one shard, pre-pass or update before it is deemed hung,
+    # restarted, and its work re-dispatched (generous: a slow step must not look hung)
+    shard_timeout_s: float = Field(300.0, gt=0)
 
 
 class Config(_Section):
@@ -135,6 +154,7 @@ class Config(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     compare: CompareConfig = CompareConfig()
     cluster: ClusterConfig = ClusterConfig()
+    task: TaskConfig = TaskConfig()
 
     @field_validator("estimator", mode="after")
     @classmethod
@@ -225,20 +245,24 @@ def parse_config(data: dict[str, Any] | None) -> Config:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; see jobs/configs/ for examples")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {path} must hold a mapping of sections, got {type(data).__name__}"
-        )
+    data = read_yaml_mapping(path, "config file", "see jobs/configs/ for examples")
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
     return parse_config(data)
+
+
+def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (safe_load: tags never build objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; {hint}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
+    return data
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

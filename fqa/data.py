@@ -133,7 +133,20 @@ class ImageDataset:
         if self.labels is None:
             raise ValueError(f"dataset {self.path or '(in memory)'} has no labels to filter")
         keep = torch.tensor(sorted(set(int(c) for c in labels)), dtype=torch.int64)
+        where = self.path or "(in memory)"
+        known = self.num_classes or 0
+        unknown = [c for c in keep.tolist() if not 0 <= c < known]
+        if not len(keep) or unknown:
+            raise DataError(
+                f"{where}: classes {unknown or '[]'} requested (data.classes) but its labels "
+                f"are 0..{known - 1}. Fix: list at least one class in that range"
+            )
         out = self.subset(torch.isin(self.labels, keep))
+        if not len(out):
+            raise DataError(
+                f"{where}: no datapoint has one of the classes {keep.tolist()} (data.classes). "
+                "Fix: choose classes that occur in the dataset"
+            )
         if not relabel:
             return out
         names = [self.class_names[c] for c in keep.tolist()] if self.class_names else None

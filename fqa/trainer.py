@@ -228,7 +228,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records past the resumed step, so every step index appears exactly once."""
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step
-    ]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a killed driver: the step reruns
+            continue
+        if record["step"] < step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))

@@ -1,4 +1,5 @@
-"""``python -m jobs.bench_scaling [--quick]``: how the cluster layer scales, in one run.
+"""``python -m jobs.bench scaling [--quick]`` (also ``python -m jobs.bench_scaling``): how
+the cluster layer scales, in one run.
 
 1. Speedup: the same spsa job (same config, seed, steps) on 2 QueryWorkers with one
    thread each against 1 worker with one thread; mean step time after a warm-up step.
@@ -52,13 +53,13 @@ class BenchWorker(QueryWorker):
         }
 
 
-def bench_config(config_path: str, quick: bool, out: Path) -> Config:
+def bench_config(config_path: str, quick: bool, runs: Path) -> Config:
     config = load_config(config_path)
     steps = 3 if quick else 8
     return with_overrides(
         config,
         {
-            "run.out_dir": str(out / "runs"),
+            "run.out_dir": str(runs),
             "run.resume": False,
             "estimator.name": "spsa",
             "estimator.shard_rows": 32 if quick else 64,
@@ -96,9 +97,10 @@ def timed_run(config: Config, workers: int) -> dict[str, Any]:
     }
 
 
-def run(config_path: str, quick: bool, out: Path) -> dict[str, Any]:
+def run(config_path: str, quick: bool, out: Path, runs: Path | None = None) -> dict[str, Any]:
+    """``runs``: scratch run directories (default: ``out/runs``)."""
     out.mkdir(parents=True, exist_ok=True)
-    config = bench_config(config_path, quick, out)
+    config = bench_config(config_path, quick, runs or out / "runs")
     owns = connect(num_cpus=2)
     try:
         one, two = timed_run(config, 1), timed_run(config, 2)
@@ -163,14 +165,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_scaling", description=__doc__)
-    parser.add_argument("--config", default="jobs/configs/vit_digits.yaml")
-    parser.add_argument("--out", default="runs/bench/scaling")
-    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    result = run(args.config, args.quick, Path(args.out))
+def report_scaling(result: dict[str, Any], out: str) -> None:
+    """Print the benchmark's table (shared by ``python -m jobs.bench scaling``)."""
     print(f"speedup 2 workers vs 1 (one thread each): {result['speedup_2v1']:.2f}x")
     print(
         f"per-worker spsa throughput: {result['worker']['spsa_queries_per_s']:.0f} queries/s = "
@@ -180,7 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"per-step overhead: {result['per_step_overhead_s'] * 1e3:.1f} ms")
     for workers, seconds in result["projected_step_seconds"].items():
         print(f"projected step time, {workers:>2} workers: {seconds * 1e3:.1f} ms")
-    print(json.dumps({"out": args.out, "speedup_2v1": result["speedup_2v1"]}))
+    print(json.dumps({"out": out, "speedup_2v1": result["speedup_2v1"]}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_scaling", description=__doc__)
+    parser.add_argument("--config", default="jobs/configs/vit_digits.yaml")
+    parser.add_argument("--out", default="runs/bench/scaling")
+    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    report_scaling(run(args.config, args.quick, Path(args.out)), args.out)
     return 0
 
 

@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         from fqa.tasks.models import CheckpointError
         from fqa.trainer import TrainingError
 
-        expected = (ConfigError, ClusterResourceError, ClusterError, CheckpointError, TrainingError)
+        # bad input (config, data, weights: all ValueErrors) is reported, not traced
+        bad_input = (ConfigError, CheckpointError, ValueError)
+        expected = (*bad_input, ClusterResourceError, ClusterError, TrainingError)
         if not isinstance(exc, expected):
             traceback.print_exc()  # a bug, not bad input: keep the stack for the report
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -80,7 +80,17 @@ def test_variance_benchmark_quick(tmp_path, digits_dir, capsys):
     )
     assert (
         main(
-            ["bench", "variance", "--quick", "--config", str(config), "--out", str(tmp_path / "bv")]
+            [
+                "bench",
+                "variance",
+                "--quick",
+                "--config",
+                str(config),
+                "--out",
+                str(tmp_path / "bv"),
+                "--runs",
+                str(tmp_path / "r"),
+            ]
         )
         == 0
     )
@@ -91,6 +101,7 @@ def test_variance_benchmark_quick(tmp_path, digits_dir, capsys):
         "bernoulli",
         "neyman",
         "gaussian",
+        "gaussian_fit",
         "oracle",
     }
     assert all(r["error"] > 0 for r in rows)

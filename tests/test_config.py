@@ -59,7 +59,7 @@ def test_load_config_errors(tmp_path):
         load_config(bad)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="mapping of sections"):
+    with pytest.raises(ConfigError, match="must hold a mapping, got list"):
         load_config(listy)
 
 

@@ -1,0 +1,175 @@
+"""The benchmarks' --quick modes, end to end through ``python -m jobs.bench``: each writes
+its JSON and PNG and its numbers are structurally sane (no timing assertions)."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from fqa.bench_accuracy import method_grid
+from jobs.bench import main
+from tests.conftest import TINY_VIT
+
+
+def _config(tmp_path, digits_dir, **extra):
+    config = {
+        "run": {"name": "bench", "out_dir": str(tmp_path / "runs")},
+        "data": {"dataset": "digits", "dir": str(digits_dir)},
+        "model": {"kwargs": TINY_VIT},
+        "trainable": {"mode": "last_blocks"},
+        "train": {"batch_size": 16, "queries_per_datapoint": 4, "progress": False},
+        "pretrain": {"enabled": True, "epochs": 1, "cache_dir": str(tmp_path / "cache")},
+        **extra,
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_variance_quick(tmp_path, digits_dir, capsys):
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "variance",
+                "--quick",
+                "--config",
+                _config(tmp_path, digits_dir),
+                "--out",
+                str(out),
+                "--runs",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "variance.json").read_text())
+    assert [r["estimator"] for r in report["results"]] == ["lr", "spsa"]
+    for result in report["results"]:
+        rows = result["rows"]
+        assert {r["budget"] for r in rows} == {2, 4}
+        assert {r["allocator"] for r in rows} == {
+            "uniform",
+            "bernoulli",
+            "neyman",
+            "gaussian",
+            "gaussian_fit",
+            "oracle",
+        }
+        assert all(r["error"] > 0 and r["error_se"] >= 0 for r in rows)
+        assert result["gain_star"] >= 1 - 1e-9  # mean(v)/mean(√v)² ≥ 1 (Jensen)
+        for budget in (2, 4):
+            cell = {r["allocator"]: r for r in rows if r["budget"] == budget}
+            assert cell["uniform"]["relative_to_uniform"] == pytest.approx(1.0)
+            # the oracle minimises the variance: never worse than uniform beyond the noise
+            noise = 3 * np.hypot(cell["oracle"]["error_se"], cell["uniform"]["error_se"])
+            assert cell["oracle"]["error"] <= cell["uniform"]["error"] + noise
+    assert (out / "variance.png").is_file()
+    assert "allocation overhead" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_accuracy_quick(tmp_path, digits_dir, capsys):
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "accuracy",
+                "--quick",
+                "--config",
+                _config(tmp_path, digits_dir),
+                "--out",
+                str(out),
+                "--runs",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "accuracy.json").read_text())
+    budget, batch = report["total_queries"], report["batch_size"]
+    assert set(report["regimes"]) == {"last_block", "full"}
+    assert len(report["runs"]) == 2 * report["seeds"] * len(method_grid())
+    for run in report["runs"]:
+        assert 0 <= min(run["test_accuracy"]) <= max(run["test_accuracy"]) <= 1
+        assert run["queries"] == sorted(run["queries"]) and run["queries"][-1] <= budget
+        per_step = batch * (3 if run["estimator"] == "backprop" else 1 + run["q"])
+        assert run["steps"] == budget // per_step  # fewer queries per datapoint buy more steps
+    table = report["table"]
+    methods = {row["method"] for row in table if row["regime"] == "full"}
+    assert {
+        "backprop",
+        "spsa/uniform q=2",
+        "lr/uniform q=1",
+        "lr/uniform q=8",
+        "lr/gaussian q=4",
+    } <= methods
+    for row in table:
+        if row["method"] == row["best_uniform"]:  # the reference reaches its own final accuracy
+            assert np.isfinite(row["queries_to_target"]) and row[
+                "ratio_to_best_uniform"
+            ] == pytest.approx(1.0)
+    assert (out / "accuracy.png").is_file()
+    assert "queries→target" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_throughput_quick(tmp_path, digits_dir, capsys):
+    out = tmp_path / "out"
+    assert (
+        main(
+            ["throughput", "--quick", "--config", _config(tmp_path, digits_dir), "--out", str(out)]
+        )
+        == 0
+    )
+    report = json.loads((out / "throughput.json").read_text())
+    assert [r["rows"] for r in report["results"]] == [16, 64]
+    for result in report["results"]:
+        assert all(v > 0 for v in result["per_second_median"].values())
+        assert all(v > 0 for v in result["fraction_of_forward"].values())
+        memory = result["peak_bytes"]
+        assert all(
+            memory[k] > 0 for k in ("forward", "spsa_queries", "lr_queries", "lr_backprop_step")
+        )
+        # a step holds at least its queries' memory; spsa's queries are inference plus a
+        # few perturbation buffers (deterministic byte counts, not timings)
+        assert (
+            memory["spsa_step"] >= memory["spsa_queries"]
+            and memory["lr_step"] >= memory["lr_queries"]
+        )
+        assert memory["spsa_queries"] <= 1.2 * memory["forward"]
+    big, small = report["results"][1]["peak_bytes"], report["results"][0]["peak_bytes"]
+    assert big["forward"] > small["forward"]  # activations grow with the rows
+    assert (out / "throughput.png").is_file()
+    assert "spsa/fwd" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_scaling_quick_through_the_dispatcher(ray_cluster, tiny_config, tmp_path, capsys):
+    import ray
+
+    path = tmp_path / "scaling.yaml"
+    path.write_text(json.dumps(tiny_config().model_dump(mode="json")))  # JSON is YAML
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "scaling",
+                "--quick",
+                "--config",
+                str(path),
+                "--out",
+                str(out),
+                "--runs",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
+    assert ray.is_initialized()  # it joined the session's instance and left it running
+    result = json.loads((out / "scaling.json").read_text())
+    assert result["speedup_2v1"] > 0 and result["worker_efficiency"] > 0
+    assert (out / "scaling.png").is_file()
+    assert "speedup 2 workers vs 1" in capsys.readouterr().out
