@@ -27,15 +27,8 @@ from typing import Any
 import numpy as np
 
 from fqa.plots import plt
+from fqa.tasks.models import TINY_VIT
 
-TINY_VIT = {
-    "img_size": 16,
-    "patch_size": 4,
-    "in_chans": 1,
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-}
 REGIMES = {
     "last_block": {"trainable.mode": "last_blocks", "trainable.blocks": 1, "train.lr": 0.002},
     "full": {"trainable.mode": "full", "train.lr": 0.001},

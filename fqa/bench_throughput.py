@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from fqa.config import load_config
 from fqa.plots import plt
 from fqa.setup import build_estimator, build_task
+from fqa.tasks.models import TINY_VIT
 
 METHODS = ("forward", "spsa", "lr")
 
@@ -148,14 +149,7 @@ def run_throughput_bench(args) -> dict[str, Any]:
     modes = ["full"] if quick else args.trainable.split(",")
     overrides = {}
     if quick:  # the test suite's tiny ViT
-        overrides["model.kwargs"] = {
-            "img_size": 16,
-            "patch_size": 4,
-            "in_chans": 1,
-            "embed_dim": 32,
-            "depth": 2,
-            "num_heads": 2,
-        }
+        overrides["model.kwargs"] = TINY_VIT
     cells = [(m, r) for m in modes for r in sizes]
     results = [
         measure(args.config, mode, rows, 3 if quick else args.reps, overrides)

@@ -25,8 +25,7 @@ import ray
 
 from cluster.driver import ClusterTrainer
 from fqa.config import Config, parse_config
-
-_TINY_VIT = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 2}
+from fqa.tasks.models import TINY_VIT
 
 
 def soak_config(steps: int, out: Path, data_dir: str) -> Config:
@@ -34,7 +33,7 @@ def soak_config(steps: int, out: Path, data_dir: str) -> Config:
         {
             "run": {"name": "soak", "out_dir": str(out), "seed": 0, "resume": False},
             "data": {"dataset": "digits", "dir": data_dir},
-            "model": {"kwargs": {**_TINY_VIT, "num_heads": 2}},
+            "model": {"kwargs": TINY_VIT},
             "trainable": {"mode": "last_blocks", "blocks": 1},
             "estimator": {"name": "lr", "shard_rows": 16},
             "allocator": {"name": "gaussian"},

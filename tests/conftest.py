@@ -12,15 +12,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from fqa.config import parse_config  # noqa: E402
 from fqa.data import prepare_digits  # noqa: E402
 from fqa.tasks.base import Task  # noqa: E402
-
-TINY_VIT = {
-    "img_size": 16,
-    "patch_size": 4,
-    "in_chans": 1,
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-}
+from fqa.tasks.models import TINY_VIT  # noqa: E402,F401  (re-exported to the tests)
 
 
 class TensorTask(Task):

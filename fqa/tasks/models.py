@@ -11,6 +11,17 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+# The smallest ViT of the tests and quick benchmarks: 16x16 single-channel digits, 2 blocks.
+TINY_VIT = {
+    "img_size": 16,
+    "patch_size": 4,
+    "in_chans": 1,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+}
+
+
 class CheckpointError(ValueError):
     """A weights file that is missing, unreadable or belongs to another model."""
 
