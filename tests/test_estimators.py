@@ -178,3 +178,28 @@ def test_batch_weights_divide_by_each_datapoints_count():
 def test_non_positive_perturbation_scale_is_rejected(kwargs):
     with pytest.raises(ValueError, match="must be > 0"):
         create_estimator(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "module, x_shape",
+    [
+        (torch.nn.Linear(5, 3).double(), (6, 4, 5)),
+        (torch.nn.Linear(5, 3).double(), (6, 5)),
+        (torch.nn.Conv2d(2, 3, 3, stride=2, padding=1).double(), (6, 2, 7, 7)),
+    ],
+)
+def test_lr_pair_gradient_equals_the_per_row_sum(module, x_shape):
+    """Antithetic rows [+ε, −ε] folded into one half-size product: Σ_p ε_p ⊗ (c⁺x⁺ − c⁻x⁻)."""
+    from fqa.estimators.lr import _layer_gradient, _pair_gradient
+
+    torch.manual_seed(0)
+    x = torch.randn(x_shape, dtype=torch.float64)
+    with torch.no_grad():
+        half = torch.randn_like(module(x[:3]))
+    c = torch.randn(6, dtype=torch.float64)
+    noise = torch.cat([half, -half])
+    expected = _layer_gradient(module, x, noise * c.view(-1, *[1] * (noise.dim() - 1)))
+    got = _pair_gradient(module, x, half, lambda dtype: (c[:3], c[3:], c[:3] - c[3:]))
+    assert set(got) == set(expected) == {"weight", "bias"}
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-12, atol=1e-12)

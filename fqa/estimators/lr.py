@@ -58,20 +58,29 @@ class _NoiseInjector:
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         shape = output.shape
+        in_place = not (torch.is_grad_enabled() and output.requires_grad)
         if self.pairs is not None:
-            half = torch.randn(
+            # only the + half is kept: rows [:pairs] get +σε, rows [pairs:] get −σε
+            noise = torch.randn(
                 (self.pairs, *shape[1:]),
                 generator=self.generator,
                 device=output.device,
                 dtype=output.dtype,
             )
-            noise = torch.cat([half, -half])
+            if in_place:
+                output[: self.pairs].add_(noise, alpha=self.sigma)
+                output[self.pairs :].sub_(noise, alpha=self.sigma)
+            else:
+                output = output + self.sigma * torch.cat([noise, -noise])
         else:
             noise = torch.randn(
                 shape, generator=self.generator, device=output.device, dtype=output.dtype
             )
+            output = (
+                output.add_(noise, alpha=self.sigma) if in_place else output + self.sigma * noise
+            )
         self.saved.append((module, inputs[0], noise))
-        return output + self.sigma * noise
+        return output
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -109,6 +118,46 @@ def _layer_gradient(
     return grads
 
 
+def _pair_gradient(
+    module: nn.Module,
+    x: torch.Tensor,
+    half: torch.Tensor,
+    coefficients,
+) -> dict[str, torch.Tensor]:
+    """Antithetic Σ_r c_r ε_r ⊗ x_r with ε = [half, −half]: Σ_p half_p ⊗ (c⁺_p x⁺_p − c⁻_p x⁻_p).
+
+    One product of half the rows; exact because the gradient is bilinear in (noise, x).
+    ``coefficients(dtype)`` gives (c⁺, c⁻, c⁺ − c⁻) in that dtype."""
+    pairs = half.shape[0]
+    grads = {}
+    if module.weight.requires_grad:
+        c_plus, c_minus, _ = coefficients(x.dtype)
+        cp, cm = _row_view(c_plus, x), _row_view(c_minus, x)
+        combined = torch.mul(x[:pairs], cp).addcmul_(x[pairs:], cm, value=-1).to(half.dtype)
+        if isinstance(module, nn.Conv2d):
+            grads["weight"] = torch.nn.grad.conv2d_weight(
+                combined,
+                module.weight.shape,
+                half,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups,
+            )
+        else:
+            grads["weight"] = half.reshape(-1, half.shape[-1]).T @ combined.reshape(
+                -1, combined.shape[-1]
+            )
+    if module.bias is not None and module.bias.requires_grad:
+        diff = coefficients(half.dtype)[2]
+        if isinstance(module, nn.Conv2d):
+            per_row = half.sum(dim=(2, 3))
+        else:
+            per_row = half.reshape(pairs, -1, half.shape[-1]).sum(1)
+        grads["bias"] = diff @ per_row
+    return grads
+
+
 def _score_norm_sq(module: nn.Module, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """‖Σ_tokens ε_t x_tᵀ‖² (+ bias term) per row: the size of this layer's score."""
     if isinstance(module, nn.Conv2d) or noise.dim() == 2:
@@ -118,7 +167,9 @@ def _score_norm_sq(module: nn.Module, x: torch.Tensor, noise: torch.Tensor) -> t
         return sq
     rows = noise.shape[0]
     noise3, x3 = noise.reshape(rows, -1, noise.shape[-1]), x.reshape(rows, -1, x.shape[-1])
-    gram = (noise3 @ noise3.transpose(1, 2)) * (x3 @ x3.transpose(1, 2))
+    # bmm with a contiguous right operand: far faster on CPU than a transposed view
+    gram = torch.bmm(noise3, noise3.transpose(1, 2).contiguous())
+    gram *= torch.bmm(x3, x3.transpose(1, 2).contiguous())
     sq = gram.sum((1, 2))
     if module.bias is not None and module.bias.requires_grad:
         sq = sq + noise3.sum(1).pow(2).sum(1)
@@ -184,20 +235,46 @@ class LikelihoodRatioEstimator(Estimator):
         coefficient = advantage * row_weights / (self.sigma * (len(row_ids) // samples))
 
         grads: dict[str, torch.Tensor] = {}
-        score_sq = torch.zeros(len(row_ids), dtype=torch.float64, device=losses.device)
+        score_rows = samples  # antithetic: ε and −ε have the same score norm, so + rows only
+        score_sq = torch.zeros(score_rows, dtype=torch.float64, device=losses.device)
         names = {id(module): name for name, module in modules}
-        for module, x, noise in injector.saved:
-            weighted = noise * _row_view(coefficient.to(noise.dtype), noise)
-            for pname, grad in _layer_gradient(module, x, weighted).items():
+        cast: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+
+        def coefficients(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+            if dtype not in cast:  # one conversion per dtype, not per layer
+                c = coefficient.to(dtype)
+                cast[dtype] = (
+                    (
+                        c[:samples],
+                        c[samples:],
+                        (coefficient[:samples] - coefficient[samples:]).to(dtype),
+                    )
+                    if self.antithetic
+                    else (c,)
+                )
+            return cast[dtype]
+
+        saved = injector.saved[::-1]
+        injector.saved.clear()
+        while saved:  # forward order; each layer's (x, ε) is freed once it is accumulated
+            module, x, noise = saved.pop()
+            if self.antithetic:
+                layer_grads = _pair_gradient(module, x, noise, coefficients)
+                x_score = x[:samples]
+            else:
+                weighted = noise * _row_view(coefficients(noise.dtype)[0], noise)
+                layer_grads = _layer_gradient(module, x, weighted)
+                x_score = x
+            for pname, grad in layer_grads.items():
                 key = f"{names[id(module)]}.{pname}"
-                grads[key] = grads[key] + grad if key in grads else grad
-            score_sq += _score_norm_sq(module, x, noise).double()
+                grads[key] = grads[key].add_(grad) if key in grads else grad
+            score_sq += _score_norm_sq(module, x_score, noise)
 
         if self.antithetic:
             plus, minus = advantage[:samples], advantage[samples:]
             signal = (plus - minus) / 2  # the baseline cancels within a pair
             bad = (bad_rows[:samples] | bad_rows[samples:]).numpy()
-            score = score_sq[:samples]  # ε and −ε have the same score norm
+            score = score_sq
         else:
             signal, bad, score = advantage, bad_rows.numpy(), score_sq
         # ‖ĝ_sample‖ = |signal|·‖score‖/σ: its second moment is the sample's E‖ĝ‖² ≈ v_i
