@@ -103,7 +103,8 @@ def ranking(table: pd.DataFrame, metric: str = "val_accuracy", mode: str = "max"
             "trial_id",
         ],
     ]
-    return best.sort_values(column, ascending=mode != "max").reset_index(drop=True)
+    # stable: ties keep trial order, so the winner of a tie is reproducible
+    return best.sort_values(column, ascending=mode != "max", kind="stable").reset_index(drop=True)
 
 
 def write_outputs(result_grid, sweep: SweepConfig, base: Config, sweep_dir: Path) -> dict[str, Any]:

@@ -186,8 +186,11 @@ def test_a_small_sweep_runs_ranks_and_writes_its_outputs(ray_cluster, digits_dir
         assert (sweep_dir / name).stat().st_size > 0
     assert (sweep_dir / "ranking.md").read_text().count("\n| ") == 4  # one row per (alloc, q)
     best = load_config(sweep_dir / "best_config.yaml")  # ready for jobs.train
-    winner = table.loc[table["best_val_accuracy"].idxmax()]
-    assert best.allocator.name == winner["allocator"] and best.train.lr == winner["lr"]
+    # tiny runs often tie: the best config must be one of the trials with the top value
+    top = table[table["best_val_accuracy"] == table["best_val_accuracy"].max()]
+    assert (best.allocator.name, best.train.lr) in set(
+        zip(top["allocator"], top["lr"], strict=True)
+    )
     assert best.run.name == "tiny-best"
 
 
