@@ -27,24 +27,17 @@ def _config(tmp_path, digits_dir, **extra):
     return str(path)
 
 
+def _run_quick(name, tmp_path, digits_dir, out):
+    config = _config(tmp_path, digits_dir)
+    return main(
+        [name, "--quick", "--config", config, "--out", str(out), "--runs", str(tmp_path / "r")]
+    )
+
+
 @pytest.mark.slow
 def test_variance_quick(tmp_path, digits_dir, capsys):
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "variance",
-                "--quick",
-                "--config",
-                _config(tmp_path, digits_dir),
-                "--out",
-                str(out),
-                "--runs",
-                str(tmp_path / "r"),
-            ]
-        )
-        == 0
-    )
+    assert _run_quick("variance", tmp_path, digits_dir, out) == 0
     report = json.loads((out / "variance.json").read_text())
     assert [r["estimator"] for r in report["results"]] == ["lr", "spsa"]
     for result in report["results"]:
@@ -73,21 +66,7 @@ def test_variance_quick(tmp_path, digits_dir, capsys):
 @pytest.mark.slow
 def test_accuracy_quick(tmp_path, digits_dir, capsys):
     out = tmp_path / "out"
-    assert (
-        main(
-            [
-                "accuracy",
-                "--quick",
-                "--config",
-                _config(tmp_path, digits_dir),
-                "--out",
-                str(out),
-                "--runs",
-                str(tmp_path / "r"),
-            ]
-        )
-        == 0
-    )
+    assert _run_quick("accuracy", tmp_path, digits_dir, out) == 0
     report = json.loads((out / "accuracy.json").read_text())
     budget, batch = report["total_queries"], report["batch_size"]
     assert set(report["regimes"]) == {"last_block", "full"}

@@ -73,37 +73,11 @@ def test_train_refuses_bad_input_with_one_clear_error(
     assert message in err and "Traceback" not in err
 
 
-@pytest.mark.slow
-def test_variance_benchmark_quick(tmp_path, digits_dir, capsys):
-    config = _write_config(
-        tmp_path / "c.yaml", digits_dir, tmp_path / "runs", trainable={"mode": "last_blocks"}
-    )
-    assert (
-        main(
-            [
-                "bench",
-                "variance",
-                "--quick",
-                "--config",
-                str(config),
-                "--out",
-                str(tmp_path / "bv"),
-                "--runs",
-                str(tmp_path / "r"),
-            ]
-        )
-        == 0
-    )
-    report = json.loads((tmp_path / "bv" / "variance.json").read_text())
-    rows = report["results"][0]["rows"]
-    assert {r["allocator"] for r in rows} == {
-        "uniform",
-        "bernoulli",
-        "neyman",
-        "gaussian",
-        "gaussian_fit",
-        "oracle",
-    }
-    assert all(r["error"] > 0 for r in rows)
-    assert (tmp_path / "bv" / "variance.png").is_file()
-    assert "allocation overhead" in capsys.readouterr().out
+@pytest.mark.parametrize("name", ["variance", "accuracy", "throughput"])
+def test_fqa_bench_offers_each_benchmark(name, capsys):
+    """`fqa bench <name>` is wired to the same benchmark modules that jobs.bench runs
+    (their --quick runs are tested in tests/test_bench.py)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", name, "--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fqa.config import parse_config
 from fqa.data import DataError, write_image_parquet
 from fqa.estimators import create_estimator
 from fqa.setup import build_task
@@ -20,28 +19,20 @@ TINY = {"vision_cfg": {"layers": 1}, "text_cfg": {"layers": 1}}
 
 
 @pytest.fixture
-def clip_config(digits_dir, tmp_path):
+def clip_config(tiny_config):
+    """The tests' tiny end-to-end config, turned into a CLIP task on the tiny CLIP."""
+
     def make(name="clip_align", **sections):
         data = {
-            "run": {"name": "c", "out_dir": str(tmp_path / "runs"), "seed": 0},
-            "data": {"dataset": "digits", "dir": str(digits_dir)},
             "task": {"name": name, "contrast_size": 8},
             "model": {"name": "fqa-clip-tiny", "kwargs": TINY},
             "trainable": {"mode": "head"},
             "estimator": {"name": "lr" if name == "clip_align" else "spsa", "sigma": 0.1},
-            "allocator": {"name": "uniform"},
-            "train": {
-                "steps": 3,
-                "batch_size": 16,
-                "queries_per_datapoint": 4,
-                "eval_every": 3,
-                "checkpoint_every": 3,
-                "progress": False,
-            },
+            "train": {"steps": 3},
         }
         for section, values in sections.items():
             data.setdefault(section, {}).update(values)
-        return parse_config(data)
+        return tiny_config(**data)
 
     return make
 
