@@ -134,35 +134,35 @@ class ClusterTrainer(Trainer):
     def _resync(self, index: int, state: tuple[ray.ObjectRef, ray.ObjectRef]) -> bool:
         """Load the driver's state into a worker, waiting while Ray restarts it (calls
         fail with RayActorError until the new instance is up)."""
+        worker = self.workers[index]
+        done, _ = self._call_while_restarting(
+            index, lambda: worker.load_state.remote(*state, self.step)
+        )
+        if done:
+            self.generation[index] += 1
+        return done
+
+    def _call_while_restarting(self, index: int, call) -> tuple[bool, Any]:
+        """``ray.get(call())`` on worker ``index``, retried while Ray restarts the actor.
+        Returns (True, value), or (False, None) on a timeout or a worker out of restarts."""
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
-                ref = self.workers[index].load_state.remote(*state, self.step)
-                ray.get(ref, timeout=_START_TIMEOUT_S)
-                self.generation[index] += 1
-                return True
+                return True, ray.get(call(), timeout=_START_TIMEOUT_S)
             except GetTimeoutError:
-                return False
+                return False, None
             except RayActorError:
                 if actor_is_dead(self.workers[index]):  # out of restarts: gone for good
-                    return False
+                    return False, None
                 time.sleep(0.5)
-        return False
+        return False, None
 
     def _rebuild(self, index: int) -> bool:
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                ref = self.workers[index].restore.remote(str(self.checkpoint), self.updates)
-                value = ray.get(ref, timeout=_START_TIMEOUT_S)
-                break
-            except GetTimeoutError:
-                return False
-            except RayActorError:
-                if actor_is_dead(self.workers[index]):  # out of restarts: gone for good
-                    return False
-                time.sleep(0.5)
-        else:
+        worker = self.workers[index]
+        done, value = self._call_while_restarting(
+            index, lambda: worker.restore.remote(str(self.checkpoint), self.updates)
+        )
+        if not done:
             return False
         if value != parameter_checksum(self.params):
             log.warning("worker %d rebuilt from %s differs from the driver", index, self.checkpoint)
