@@ -4,7 +4,7 @@ A fixed, partially trained ViT and a fixed batch. For every estimator, budget an
 allocator, the error ‖ĝ − g‖² against the autograd batch gradient is averaged over
 repetitions (the estimator is unbiased, so this is its variance). The oracle knows
 the true per-datapoint v_i; the learned allocators see only statistics gathered on
-earlier batches (METHOD.md §4). ``gaussian`` is the learned allocator as it is after
+earlier batches (docs/METHOD.md §4). ``gaussian`` is the learned allocator as it is after
 the online learning steps (one Adam step per training step, as in training);
 ``gaussian_fit`` is the same allocator after further offline Adam passes over the
 recorded history (the learning steps' batches, scored with the final statistics: no

@@ -2,7 +2,7 @@
 
 The estimator reports one scalar per sample (SPSA: the projected derivative p; LR: the
 loss minus its baseline). Allocators use the second moment E[y²] = m2/count + mean² as a
-scale-free proxy of the per-datapoint variance v_i (METHOD.md §4).
+scale-free proxy of the per-datapoint variance v_i (docs/METHOD.md §4).
 
 Statistics are mergeable (count, mean, m2; Chan et al.'s parallel update): workers build
 a ``StatsPartial`` per shard, the owner merges them, and merging partials in any order or

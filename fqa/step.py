@@ -148,7 +148,7 @@ def step_metrics(
 
 
 def variance_estimate(planned: Planned, results: list[ShardResult], variance_scale: float) -> float:
-    """(1/B²) Σ_i mean_k(‖ĝ_ik‖²)/n_i from this step's samples (METHOD.md §3)."""
+    """(1/B²) Σ_i mean_k(‖ĝ_ik‖²)/n_i from this step's samples (docs/METHOD.md §3)."""
     ids = planned.request.ids
     sample_ids = np.concatenate([r.ids for r in results])
     sq = np.concatenate([r.stat_values for r in results]) ** 2 * variance_scale

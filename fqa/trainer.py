@@ -1,6 +1,6 @@
 """The single-process forward-learning loop: the reference the cluster layer must match.
 
-One step, top to bottom (ARCHITECTURE.md "One training step, as data"):
+One step, top to bottom (docs/ARCHITECTURE.md, "One step"):
 batch ids -> pre-pass losses -> allocation -> shards -> queries -> ĝ in .grad ->
 optimizer step -> statistics and allocator update -> metrics.
 """

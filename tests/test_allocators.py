@@ -1,5 +1,5 @@
 """Allocators: budget invariants for every registered allocator, the optimal allocation of
-METHOD.md §4, the variance and unbiasedness of the batch estimator (§3), and learning in
+docs/METHOD.md §4, the variance and unbiasedness of the batch estimator (§3), and learning in
 the FLOPS allocator (§5)."""
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def test_estimator_is_unbiased_against_autograd(vit_task, name):
 
 @pytest.mark.parametrize("name", list_estimators())
 def test_weighting_datapoints_by_query_count_is_detected(vit_head_task, name):
-    """The public code's bias (METHOD.md §6): a datapoint weighted by n_i, not 1/n_i.
+    """The public code's bias (docs/METHOD.md §6): a datapoint weighted by n_i, not 1/n_i.
 
     Its expectation is Σ_i (n_i/Σn) g_i instead of (1/B) Σ_i g_i. Projecting each draw's
     error onto that bias direction d gives a t statistic that is N(0, 1) for an unbiased

@@ -5,7 +5,7 @@ an antithetic pair for `lr`, one query otherwise); the trainer converts queries 
 samples before asking. Allocators are small stateful objects whose whole state is
 JSON-able (``state_dict``), so it can be checkpointed and moved to a Ray actor.
 
-Unbiasedness (METHOD.md §3): counts are decided only from history (the running
+Unbiasedness (docs/METHOD.md §3): counts are decided only from history (the running
 statistics) and the unperturbed pre-pass losses, never from this step's perturbed
 results. ``update`` runs after the step and may only change future allocations.
 """

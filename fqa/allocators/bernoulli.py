@@ -1,4 +1,4 @@
-"""The public FLOPS code's heuristic (METHOD.md §6).
+"""The public FLOPS code's heuristic (docs/METHOD.md §6).
 
 Each datapoint whose pre-pass loss is below the batch mean loses half of its uniform
 share with probability p (never going below n_min); the freed samples are spread evenly

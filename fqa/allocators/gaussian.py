@@ -1,4 +1,4 @@
-"""The learned FLOPS allocator (METHOD.md §5): four parameters, trained by Adam.
+"""The learned FLOPS allocator (docs/METHOD.md §5): four parameters, trained by Adam.
 
 Losses of the batch are standardised to z; a score vector s ~ N(μ, K) with
 

@@ -1,6 +1,6 @@
 """Oracle allocation: Neyman water-filling on the true variances (benchmarks and tests only).
 
-It is the ceiling every practical allocator is measured against (METHOD.md §4).
+It is the ceiling every practical allocator is measured against (docs/METHOD.md §4).
 """
 
 from __future__ import annotations

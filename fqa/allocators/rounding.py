@@ -1,4 +1,4 @@
-"""Shared helpers: water-filling (METHOD.md §4) and rounding to an exact integer budget."""
+"""Shared helpers: water-filling (docs/METHOD.md §4) and rounding to an exact integer budget."""
 
 from __future__ import annotations
 

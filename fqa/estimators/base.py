@@ -4,7 +4,7 @@ A step is planned as a list of :class:`Shard` s — the unit a worker evaluates 
 cut depends only on the allocation and ``shard_rows``, never on how many processes run
 them, so the single-process trainer and the cluster produce the same estimate.
 
-Batch estimator (METHOD.md §3): every sample of datapoint i carries the weight
+Batch estimator (docs/METHOD.md §3): every sample of datapoint i carries the weight
 1/(B·n_i), so each datapoint's estimate is divided by its own sample count.
 """
 

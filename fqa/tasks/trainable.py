@@ -15,7 +15,7 @@ class LoRALinear(nn.Module):
     them like any other Linear layer. One factor starts at zero, so the model is
     unchanged at start. With ``fixed_up`` the up-projection B is a fixed random matrix
     and only A (zero-initialised) trains: noise then enters only at the rank-r
-    bottleneck, which keeps the LR estimator's variance small (METHOD.md §2).
+    bottleneck, which keeps the LR estimator's variance small (docs/METHOD.md §2).
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, fixed_up: bool = False) -> None:
