@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster.allocator_actor import RemotePlanner, actor_is_dead
@@ -26,7 +25,7 @@ from cluster.dispatch import evaluate_on_workers
 from cluster.runtime import ClusterResourceError, connect, require_resources
 from cluster.worker import parameter_checksum, remote_worker_class
 from fqa.config import Config
-from fqa.estimators import Shard, ShardResult
+from fqa.estimators import ShardResult, Update
 from fqa.trainer import StepPlan, Trainer
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ class ClusterTrainer(Trainer):
             self.checkpoint_dir,
             self.planner.state(),
             self.planner.stats,
-            self.step,
+            self.global_step,
         )
 
         worker_class = remote_worker_class(cc.cpus_per_worker, cc.gpus_per_worker, _MAX_RESTARTS)
@@ -76,7 +75,7 @@ class ClusterTrainer(Trainer):
         self.lost: set[int] = set()  # restarted workers, rebuilt from the checkpoint
         # each step's update as broadcast since the last checkpoint: with that checkpoint,
         # all a restarted worker needs to rebuild its replica
-        self.updates: list[tuple[int, list[Shard], list[ShardResult], int]] = []
+        self.updates: list[tuple[int, Update, int]] = []
         self.update_bytes = 0  # tensor bytes held by self.updates
         self.log_complete = True  # False once the log was dropped for its size
         self.checkpoint: Path | None = getattr(self, "checkpoint", None)  # set on resume
@@ -136,7 +135,7 @@ class ClusterTrainer(Trainer):
         fail with RayActorError until the new instance is up)."""
         worker = self.workers[index]
         done, _ = self._call_while_restarting(
-            index, lambda: worker.load_state.remote(*state, self.step)
+            index, lambda: worker.load_state.remote(*state, self.global_step)
         )
         if done:
             self.generation[index] += 1
@@ -220,19 +219,18 @@ class ClusterTrainer(Trainer):
 
     def apply_step(self, plan: StepPlan, results: list[ShardResult]) -> dict[str, Any]:
         """Every worker replays the update while the driver applies it to its replica."""
-        shards, record = self._update_record(plan.shards, results)
+        update = self.estimator.reduce(plan.shards, results)
         prepass_nonfinite = int((~np.isfinite(plan.prepass["loss"])).sum())
-        # one upload each, shared by all workers (refs are resolved on the worker)
-        shards_ref, record_ref = ray.put(shards), ray.put(record)
+        update_ref = ray.put(update)  # one upload, shared by all workers
         refs = {
-            i: self.workers[i].apply.remote(plan.step, shards_ref, record_ref, prepass_nonfinite)
+            i: self.workers[i].apply.remote(plan.step, update_ref, prepass_nonfinite)
             for i in self._live()
         }
-        self._log_update(plan.step, shards, record, prepass_nonfinite)  # after _live()
+        self._log_update(plan.step, update, prepass_nonfinite)  # after _live()
         metrics = super().apply_step(plan, results)
         for index, ref in refs.items():
             self._get(index, ref)  # a lost worker is rebuilt before its next shard
-        if self.step % self.config.cluster.checksum_every == 0:
+        if self.global_step % self.config.cluster.checksum_every == 0:
             self.verify_replicas()
         metrics.update(resyncs=self.resyncs, redispatched=self.redispatched, hung=self.hung)
         # the step's idempotency keys: shards planned, results accepted, duplicates ignored
@@ -242,45 +240,18 @@ class ClusterTrainer(Trainer):
         self._pending = metrics
         return metrics
 
-    def _log_update(self, step: int, shards, record, prepass_nonfinite: int) -> None:
+    def _log_update(self, step: int, update: Update, prepass_nonfinite: int) -> None:
         """Keep the update for restarted workers, unless the log outgrew its memory cap."""
         if not self.log_complete:
             return
-        self.update_bytes += sum(t.nbytes for r in record for t in (r.grads or {}).values())
+        self.update_bytes += update.nbytes
         if self.update_bytes > _UPDATE_LOG_BYTES:
             log.info(
                 "update log past %d bytes; dropped until the next checkpoint", _UPDATE_LOG_BYTES
             )
             self.updates, self.update_bytes, self.log_complete = [], 0, False
             return
-        self.updates.append((step, shards, record, prepass_nonfinite))
-
-    def _update_record(
-        self, shards: list[Shard], results: list[ShardResult]
-    ) -> tuple[list[Shard], list[ShardResult]]:
-        """What a worker needs to replay the update. spsa: the per-query scalars. lr: one
-        gradient, summed here in plan order exactly as ``write_grad`` would, so a single
-        tensor set is broadcast instead of one per shard."""
-        if self.estimator.name != "lr":
-            return shards, results
-        params = dict(self.task.trainable_parameters())
-        total: dict[str, torch.Tensor] = {}
-        for result in results:
-            for key, grad in (result.grads or {}).items():
-                if key not in total:
-                    total[key] = torch.zeros_like(params[key])
-                total[key].add_(grad.to(params[key].dtype))
-        empty = np.zeros(0)
-        reduced = ShardResult(
-            seed=-1,
-            ids=empty.astype(np.int64),
-            values=empty,
-            stat_values=empty,
-            queries=sum(r.queries for r in results),
-            nonfinite=sum(r.nonfinite for r in results),
-            grads=total,
-        )
-        return [], [reduced]  # lr's write_grad reads the results only
+        self.updates.append((step, update, prepass_nonfinite))
 
     def verify_replicas(self) -> list[str]:
         """Compare the workers' parameter checksums with the driver's; resync mismatches."""
@@ -297,7 +268,7 @@ class ClusterTrainer(Trainer):
                 log.warning(
                     "worker %d's parameters differ from the driver's at step %d; resyncing",
                     index,
-                    self.step,
+                    self.global_step,
                 )
                 self.resyncs += 1
                 self.dirty.add(index)
@@ -322,7 +293,7 @@ class ClusterTrainer(Trainer):
 
     def save(self):
         path = super().save()
-        self.planner.checkpointed(self.step)
+        self.planner.checkpointed(self.global_step)
         self.checkpoint, self.updates = path, []  # the checkpoint holds every update so far
         self.update_bytes, self.log_complete = 0, True
         self._report(path)

@@ -19,7 +19,7 @@ import torch
 
 from fqa.checkpoint import load_checkpoint
 from fqa.config import Config
-from fqa.estimators import Shard, ShardResult
+from fqa.estimators import Shard, ShardResult, Update
 from fqa.setup import build_estimator, build_optimizer, build_task
 from fqa.step import ReplicaUpdater, UpdateOutcome
 
@@ -68,8 +68,8 @@ class QueryWorker:
         checksum, which the driver compares with its own replica's."""
         data = load_checkpoint(Path(checkpoint))
         self.load_state(data.model, data.optimizer, int(data.state["step"]))
-        for step, shards, results, prepass_nonfinite in updates:
-            self.apply(step, shards, results, prepass_nonfinite)
+        for step, update, prepass_nonfinite in updates:
+            self.apply(step, update, prepass_nonfinite)
         return self.checksum()
 
     def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -92,14 +92,12 @@ class QueryWorker:
             result.stat_values = result.values
         return result
 
-    def apply(
-        self, step: int, shards: list[Shard], results: list[ShardResult], prepass_nonfinite: int
-    ) -> UpdateOutcome | None:
+    def apply(self, step: int, update: Update, prepass_nonfinite: int) -> UpdateOutcome | None:
         if self.applied_step is not None and step <= self.applied_step:
             self.duplicates += 1  # a retried or replayed delivery: already in the replica
             return None
         self.applied_step = step
-        return self.updater.apply(step, shards, results, prepass_nonfinite)
+        return self.updater.apply(step, update, prepass_nonfinite)
 
     def checksum(self) -> str:
         return parameter_checksum(self.params)

@@ -102,8 +102,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     else:
         trainer = Trainer(config)
         for step in range(steps):
-            plan = trainer.plan_step(step)
-            trainer.apply_step(plan, trainer.evaluate_shards(plan))
+            trainer.step()
             if step + 1 in eval_at:
                 curve.append((trainer.queries, trainer.task.evaluate("test")["accuracy"]))
     return {

@@ -122,7 +122,7 @@ def measure(config_path: str, trainable: str, rows: int, reps: int, overrides: d
         memory[f"{name}_queries"] = peak_bytes(lambda t=t, est=est, s=s: est.evaluate(t, s))
         _clear_grads(t)
         memory[f"{name}_step"] = peak_bytes(
-            lambda t=t, est=est, s=s: est.write_grad(t, [s], [est.evaluate(t, s)])
+            lambda t=t, est=est, s=s: est.estimate(t, [s])
         )
         _clear_grads(t)
         memory[f"{name}_backprop_step"] = peak_bytes(

@@ -43,8 +43,7 @@ def _estimate(trainer: Trainer, ids, counts, baselines, seed: int) -> torch.Tens
     shards = trainer.estimator.plan(
         ids, counts, baselines, seed, trainer.config.estimator.shard_rows
     )
-    results = [trainer.estimator.evaluate(trainer.task, s) for s in shards]
-    trainer.estimator.write_grad(trainer.task, shards, results)
+    trainer.estimator.estimate(trainer.task, shards)
     return _flat_grad(trainer.params)
 
 

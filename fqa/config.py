@@ -218,12 +218,11 @@ class Config(_Section):
 
 
 def queries_per_sample(estimator: EstimatorConfig) -> int:
-    """Queries one allocated sample costs: a central difference or antithetic pair is 2."""
-    if estimator.name == "spsa":
-        return 2
-    if estimator.name == "lr":
-        return 2 if estimator.antithetic else 1
-    return 1
+    """Queries one allocated sample costs (a central difference or antithetic pair is 2):
+    the estimator's own answer, so no name switch here."""
+    from fqa.estimators import create_estimator
+
+    return create_estimator(**estimator.model_dump()).queries_per_sample
 
 
 def _describe(error: dict) -> str:

@@ -51,14 +51,7 @@ def build_task(config: Config):
 
 def configured_estimator(config: Config) -> Estimator:
     """The estimator the config names; enough for planning shards (no model needed)."""
-    est = config.estimator
-    return create_estimator(
-        est.name,
-        epsilon=est.epsilon,
-        sigma=est.sigma,
-        antithetic=est.antithetic,
-        hook_conv=est.hook_conv,
-    )
+    return create_estimator(**config.estimator.model_dump())
 
 
 def build_estimator(config: Config, task) -> Estimator:

@@ -18,7 +18,7 @@ import torch
 
 from fqa.allocators import Allocation, AllocationRequest, Allocator
 from fqa.config import Config
-from fqa.estimators import Estimator, Shard, ShardResult
+from fqa.estimators import Estimator, Shard, ShardResult, Update
 from fqa.seeding import derive_seed
 from fqa.setup import set_learning_rate
 from fqa.stats import DatapointStats
@@ -105,12 +105,11 @@ class ReplicaUpdater:
         self.optimizer = optimizer
         self.params = [p for _, p in task.trainable_parameters()]
 
-    def apply(
-        self, step: int, shards: list[Shard], results: list[ShardResult], prepass_nonfinite: int = 0
-    ) -> UpdateOutcome:
-        """Reduce into .grad and step — unless anything is non-finite, then drop the step."""
-        nonfinite = sum(r.nonfinite for r in results) + prepass_nonfinite
-        self.estimator.write_grad(self.task, shards, results)
+    def apply(self, step: int, update: Update, prepass_nonfinite: int = 0) -> UpdateOutcome:
+        """Write the update into .grad and step — unless anything is non-finite, then drop
+        the step."""
+        nonfinite = update.nonfinite + prepass_nonfinite
+        self.estimator.write_grad(self.task, update)
         grad_norm = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.params)))
         skipped = nonfinite > 0 or not np.isfinite(grad_norm)
         if skipped:

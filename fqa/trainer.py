@@ -70,7 +70,7 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.params)
         self.updater = ReplicaUpdater(config, self.task, self.estimator, self.optimizer)
         self.sampler = BatchSampler(self.task.train_ids(), config.train.batch_size, config.run.seed)
-        self.step = 0
+        self.global_step = 0  # steps done; the next step's index
         self.queries = 0  # every forward evaluation of one datapoint, pre-pass included
         self.skipped_in_a_row = 0
         self.nonfinite_total = 0
@@ -99,7 +99,8 @@ class Trainer:
         started = time.perf_counter()
         self.queries += len(plan.ids) + sum(r.queries for r in results)
         prepass_nonfinite = int((~np.isfinite(plan.prepass["loss"])).sum())
-        outcome = self.updater.apply(plan.step, plan.shards, results, prepass_nonfinite)
+        update = self.estimator.reduce(plan.shards, results)
+        outcome = self.updater.apply(plan.step, update, prepass_nonfinite)
         if outcome.skipped:
             # a non-finite query never reaches the parameters or the statistics
             self.nonfinite_total += max(outcome.nonfinite, 1)
@@ -114,7 +115,19 @@ class Trainer:
             "apply_seconds": time.perf_counter() - started,
             **learned,
         }
-        self.step = plan.step + 1
+        self.global_step = plan.step + 1
+        return metrics
+
+    def step(self) -> dict[str, Any]:
+        """One training step, top to bottom; returns its metrics (with validation
+        metrics when an evaluation is due)."""
+        started = time.perf_counter()
+        plan = self.plan_step(self.global_step)
+        metrics = self.apply_step(plan, self.evaluate_shards(plan))
+        metrics["step_seconds"] = time.perf_counter() - started
+        cfg = self.config.train
+        if self.global_step % cfg.eval_every == 0 or self.global_step == cfg.steps:
+            metrics.update({f"val_{k}": v for k, v in self.task.evaluate("validation").items()})
         return metrics
 
     # ---- the loop ---------------------------------------------------------------------
@@ -125,20 +138,13 @@ class Trainer:
             json.dumps(self.config.model_dump(mode="json"), indent=1)
         )
         metrics_path = self.run_dir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.step)
+        _truncate_metrics(metrics_path, self.global_step)
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=self.config.run.name
+            total=cfg.steps, initial=self.global_step, disable=not cfg.progress, desc=self.config.run.name
         )
         with open(metrics_path, "a") as sink:
-            while self.step < cfg.steps:
-                step_started = time.perf_counter()
-                plan = self.plan_step(self.step)
-                metrics = self.apply_step(plan, self.evaluate_shards(plan))
-                metrics["step_seconds"] = time.perf_counter() - step_started
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    metrics.update(
-                        {f"val_{k}": v for k, v in self.task.evaluate("validation").items()}
-                    )
+            while self.global_step < cfg.steps:
+                metrics = self.step()
                 sink.write(json.dumps(metrics) + "\n")
                 sink.flush()
                 bar.update(1)
@@ -147,11 +153,11 @@ class Trainer:
                     path = self.save()
                     raise TrainingError(
                         f"{self.skipped_in_a_row} steps in a row had non-finite losses or gradients "
-                        f"(last at step {plan.step}); parameters are unchanged since step "
-                        f"{plan.step - self.skipped_in_a_row + 1} and saved in {path}. Lower train.lr "
+                        f"(last at step {metrics['step']}); parameters are unchanged since step "
+                        f"{metrics['step'] - self.skipped_in_a_row + 1} and saved in {path}. Lower train.lr "
                         "or the perturbation scale, or check the data"
                     )
-                if self.step % cfg.checkpoint_every == 0:
+                if self.global_step % cfg.checkpoint_every == 0:
                     self.save()
         bar.close()
         self.save()
@@ -164,7 +170,7 @@ class Trainer:
             "run": self.config.run.name,
             "estimator": self.config.estimator.name,
             "allocator": self.config.allocator.name,
-            "steps": self.step,
+            "steps": self.global_step,
             "queries": self.queries,
             "test_accuracy": test["accuracy"],
             "test_loss": test["loss"],
@@ -188,7 +194,7 @@ class Trainer:
         }
         return save_checkpoint(
             self.run_dir / "checkpoints",
-            self.step,
+            self.global_step,
             self.task.model,
             self.optimizer,
             self.stats,
@@ -217,11 +223,11 @@ class Trainer:
         self.planner.load_state(
             data.state, DatapointStats.load(data.stats_path, self.config.allocator.stats_decay)
         )
-        self.step = data.state["step"]
+        self.global_step = data.state["step"]
         self.queries = data.state["queries"]
         self.skipped_in_a_row = data.state["skipped_in_a_row"]
         self.nonfinite_total = data.state["nonfinite_total"]
-        log.info("resumed %s at step %d (%d queries)", path, self.step, self.queries)
+        log.info("resumed %s at step %d (%d queries)", path, self.global_step, self.queries)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -93,7 +93,7 @@ def timed_run(config: Config, workers: int) -> dict[str, Any]:
     return {
         "workers": workers,
         "step_seconds": float(np.mean(seconds)),
-        "queries_per_step": trainer.queries / trainer.step,
+        "queries_per_step": trainer.queries / trainer.global_step,
     }
 
 

@@ -84,8 +84,8 @@ class SoakTrainer(ClusterTrainer):
 
     def apply_step(self, plan, results) -> dict[str, Any]:
         metrics = super().apply_step(plan, results)
-        if self.step % self.sample_every == 0:
-            sample = {"step": self.step, "object_store": _object_store_bytes()}
+        if self.global_step % self.sample_every == 0:
+            sample = {"step": self.global_step, "object_store": _object_store_bytes()}
             for name, pid in self.pids.items():
                 for suffix, value in rss(pid).items():
                     sample[name + suffix] = value

@@ -290,7 +290,7 @@ def test_a_checkpoint_torn_mid_write_is_skipped_for_the_last_complete_one(tiny_c
     (torn / "manifest.json").unlink()  # the write never finished
     (directory / "latest").write_text(torn.name)
     resumed = Trainer(tiny_config())
-    assert resumed.step == 3
+    assert resumed.global_step == 3
 
 
 # ---- non-finite losses: the documented recovery ------------------------------------------

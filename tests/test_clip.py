@@ -115,8 +115,7 @@ def test_lr_estimate_on_align_heads_matches_autograd(clip_config):
         shards = estimator.plan(
             ids, np.array([1000, 1000]), baselines, seed=repeat, shard_rows=4000
         )
-        results = [estimator.evaluate(task, s) for s in shards]
-        estimator.write_grad(task, shards, results)
+        estimator.estimate(task, shards)
         estimates.append(torch.cat([p.grad.flatten() for p in params]).clone())
     est = torch.stack(estimates)
     mean, se2 = est.mean(0), float((est.var(0) / len(est)).sum())
@@ -179,7 +178,7 @@ def test_prompt_untuned_context_is_the_hand_written_prompt(clip_config):
 def test_prompt_counts_every_black_box_call(clip_config):
     trainer = Trainer(clip_config("clip_prompt", task={"class_specific": True}))
     box = trainer.task.black_box
-    for step in range(3):
+    for step in range(3):  # no validation pass: only training queries reach the box
         plan = trainer.plan_step(step)
         trainer.apply_step(plan, trainer.evaluate_shards(plan))
     assert box.calls == trainer.queries == 3 * (16 + 16 * 4)

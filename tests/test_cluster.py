@@ -125,7 +125,7 @@ def test_a_rerun_driver_resumes_to_the_same_parameters(ray_cluster, tiny_config)
     interrupted = _config(tiny_config, "spsa", "resumed", train={"steps": 2})
     ClusterTrainer(interrupted).fit()  # the driver "dies" after the step-2 checkpoint
     resumed = ClusterTrainer(with_overrides(interrupted, {"train.steps": 4}))
-    assert resumed.step == 2
+    assert resumed.global_step == 2
     resumed.fit()
     torch.testing.assert_close(_params(resumed), _params(reference), **_TOLERANCE["spsa"])
     assert resumed.queries == reference.queries
@@ -195,7 +195,7 @@ def test_a_lost_allocator_actor_is_restored_from_the_checkpoint(ray_cluster, tin
     cluster.fault_hook = kill_allocator
     cluster.fit()
     assert cluster.planner.restores == 1
-    assert cluster.step == 4 and cluster.queries == reference.queries
+    assert cluster.global_step == 4 and cluster.queries == reference.queries
     ours, theirs = _records(cluster), _records(reference)
     assert [r["step"] for r in ours] == list(range(4))
     for a, b in zip(ours, theirs, strict=True):

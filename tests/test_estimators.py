@@ -30,8 +30,7 @@ def _draws(task, estimator, reps, counts=COUNTS, reweight=None, shard_rows=64):
         shards = estimator.plan(IDS, counts, baselines, seed=rep, shard_rows=shard_rows)
         if reweight is not None:
             shards = [reweight(s) for s in shards]
-        results = [estimator.evaluate(task, s) for s in shards]
-        estimator.write_grad(task, shards, results)
+        estimator.estimate(task, shards)
         grads.append(torch.cat([p.grad.flatten() for _, p in task.trainable_parameters()]))
     return torch.stack(grads)
 

@@ -330,7 +330,7 @@ def test_a_killed_driver_resumes_to_the_same_result(
     _no_leaks()  # the dead driver's actors went with it
 
     resumed = ClusterTrainer(config)
-    assert resumed.step == 2
+    assert resumed.global_step == 2
     resumed.fit()
     assert not list((run_dir / "checkpoints").glob(".step-*"))  # no half-written leftovers
     outcome = _nothing_lost(_params(resumed), resumed.queries, run_dir, ref)

@@ -46,7 +46,7 @@ def test_resume_continues_to_the_same_parameters(tiny_config):
     )
     Trainer(interrupted).fit()
     resumed = Trainer(with_overrides(interrupted, {"train.steps": 6}))
-    assert resumed.step == 3
+    assert resumed.global_step == 3
     resumed.fit()
     torch.testing.assert_close(_params(resumed), _params(straight), rtol=0, atol=0)
     assert resumed.queries == straight.queries

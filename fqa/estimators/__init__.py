@@ -1,6 +1,6 @@
 """Forward gradient estimators, registered by name (``create_estimator``, ``list_estimators``)."""
 
-from fqa.estimators.base import Estimator, Shard, ShardResult  # noqa: E402
+from fqa.estimators.base import Estimator, Shard, ShardResult, Update  # noqa: E402
 from fqa.registry import Registry
 
 ESTIMATORS: Registry[Estimator] = Registry("estimator")
@@ -16,4 +16,12 @@ def list_estimators() -> list[str]:
     return ESTIMATORS.names()
 
 
-__all__ = ["ESTIMATORS", "Estimator", "Shard", "ShardResult", "create_estimator", "list_estimators"]
+__all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "Shard",
+    "ShardResult",
+    "Update",
+    "create_estimator",
+    "list_estimators",
+]

@@ -43,6 +43,24 @@ class ShardResult:
     grads: dict[str, torch.Tensor] | None = field(default=None)  # lr: weighted partial sums
 
 
+@dataclass
+class Update:
+    """One step's estimate reduced to what every replica needs to write ``.grad``.
+
+    spsa: the coefficient of each direction (seed -> Σ p·1/(B·n_i)), a few bytes per
+    direction; lr: the summed gradient tensors (on the host). Built by
+    :meth:`Estimator.reduce` and consumed by :meth:`Estimator.write_grad`."""
+
+    coefficients: dict[int, float] = field(default_factory=dict)
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    queries: int = 0  # perturbed queries behind the update
+    nonfinite: int = 0  # samples whose loss was NaN/inf (their contribution is zeroed)
+
+    @property
+    def nbytes(self) -> int:
+        return 16 * len(self.coefficients) + sum(g.nbytes for g in self.grads.values())
+
+
 class Estimator(ABC):
     name: str = "base"
     queries_per_sample: int = 1
@@ -58,8 +76,18 @@ class Estimator(ABC):
         """Spend the shard's queries on the task's current parameters (restored afterwards)."""
 
     @abstractmethod
-    def write_grad(self, task: Task, shards: list[Shard], results: list[ShardResult]) -> None:
-        """Reduce shard results (in plan order) into ``param.grad`` of the trainable parameters."""
+    def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:
+        """Shard results (in plan order) -> the step's update; pure, needs no model."""
+
+    @abstractmethod
+    def write_grad(self, task: Task, update: Update) -> None:
+        """Write the update into ``param.grad`` of the task's trainable parameters."""
+
+    def estimate(self, task: Task, shards: list[Shard]) -> Update:
+        """Evaluate every shard here and reduce: the single-process path (and tests)."""
+        update = self.reduce(shards, [self.evaluate(task, shard) for shard in shards])
+        self.write_grad(task, update)
+        return update
 
     def variance_scale(self, task: Task) -> float:
         """Factor turning E[stat_value²] into v_i (a common scale; allocators ignore it)."""

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 from fqa.estimators import ESTIMATORS
-from fqa.estimators.base import Estimator, Shard, ShardResult, batch_weights, chunks, zero_grads
+from fqa.estimators.base import (
+    Estimator,
+    Shard,
+    ShardResult,
+    Update,
+    batch_weights,
+    chunks,
+    zero_grads,
+)
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
 
@@ -289,9 +297,21 @@ class LikelihoodRatioEstimator(Estimator):
             grads=grads,
         )
 
-    def write_grad(self, task: Task, shards: list[Shard], results: list[ShardResult]) -> None:
-        zero_grads(task)
-        params = dict(task.trainable_parameters())
+    def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:
+        """The shards' partial gradient sums, added in plan order (a fixed order keeps
+        every replica's sum bit-identical)."""
+        total: dict[str, torch.Tensor] = {}
         for result in results:
             for key, grad in (result.grads or {}).items():
-                params[key].grad.add_(grad.to(params[key].dtype))
+                total[key] = total[key].add_(grad) if key in total else grad.clone()
+        return Update(
+            grads=total,
+            queries=sum(r.queries for r in results),
+            nonfinite=sum(r.nonfinite for r in results),
+        )
+
+    def write_grad(self, task: Task, update: Update) -> None:
+        zero_grads(task)
+        params = dict(task.trainable_parameters())
+        for key, grad in update.grads.items():
+            params[key].grad.add_(grad.to(device=params[key].device, dtype=params[key].dtype))

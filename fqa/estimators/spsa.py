@@ -14,7 +14,15 @@ import numpy as np
 import torch
 
 from fqa.estimators import ESTIMATORS
-from fqa.estimators.base import Estimator, Shard, ShardResult, batch_weights, chunks, zero_grads
+from fqa.estimators.base import (
+    Estimator,
+    Shard,
+    ShardResult,
+    Update,
+    batch_weights,
+    chunks,
+    zero_grads,
+)
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
 
@@ -79,17 +87,24 @@ class SPSAEstimator(Estimator):
             nonfinite=int(bad.sum()),
         )
 
-    def write_grad(self, task: Task, shards: list[Shard], results: list[ShardResult]) -> None:
-        """ĝ = Σ_k c_k u_k, c_k = Σ over direction k's samples of p·1/(B·n_i)."""
+    def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:
+        """c_k = Σ over direction k's samples of p·1/(B·n_i), summed in plan order."""
         coefficients: dict[int, float] = {}
         for shard, result in zip(shards, results, strict=True):
             coefficients[shard.seed] = coefficients.get(shard.seed, 0.0) + float(
                 np.dot(result.values, shard.weights)
             )
+        return Update(
+            coefficients=coefficients,
+            queries=sum(r.queries for r in results),
+            nonfinite=sum(r.nonfinite for r in results),
+        )
+
+    def write_grad(self, task: Task, update: Update) -> None:
+        """ĝ = Σ_k c_k u_k, each direction regenerated from its seed."""
         zero_grads(task)
-        params = [p for _, p in task.trainable_parameters()]
-        grads = [p.grad for p in params]
-        for seed, coefficient in coefficients.items():
+        grads = [p.grad for _, p in task.trainable_parameters()]
+        for seed, coefficient in update.coefficients.items():
             perturb_(grads, seed, coefficient)
 
     def variance_scale(self, task: Task) -> float:
