@@ -1,4 +1,4 @@
-"""Neyman allocation from per-datapoint history (docs/docs/METHOD.md §4 and §6).
+"""Neyman allocation from per-datapoint history (docs/METHOD.md §4 and §6).
 
 v̂_i comes from the running statistics (earlier steps and epochs) and is shrunk toward a
 prediction for datapoints with few or no observations:
