@@ -22,6 +22,7 @@ import ray
 
 from cluster.runtime import ClusterResourceError
 from cluster.sweep_config import SweepConfig, trial_config
+from fqa.backprop import with_pretrained
 from fqa.checkpoint import latest_checkpoint, write_text_atomic
 from fqa.config import Config, with_overrides
 
@@ -102,8 +103,6 @@ def check_resources(sweep: SweepConfig, base: Config) -> int:
 def pretrain_once(sweep: SweepConfig, base: Config) -> None:
     """Backprop pretraining is cached by fingerprint: do it here, before any trial, for
     every pretraining the space can select (trials then only read the cache)."""
-    from jobs.train import prepare
-
     configs = [base]
     if any(k.startswith(_PRETRAIN_KEYS) for k in sweep.space):
         configs += probe_configs(sweep, base)
@@ -112,7 +111,7 @@ def pretrain_once(sweep: SweepConfig, base: Config) -> None:
         key = config.fingerprint(("run.seed", "data", "model", "pretrain"))
         if key not in seen and config.pretrain.enabled and not config.model.checkpoint:
             seen.add(key)
-            prepare(config)
+            with_pretrained(config)
 
 
 def _restore_tune_checkpoint(checkpoint_dir: Path) -> None:
@@ -146,8 +145,6 @@ def run_trial(params: dict[str, Any], *, base_json: str, sweep_json: str, runs_d
     from ray import tune
 
     from cluster.driver import ClusterTrainer
-    from jobs.train import prepare
-
     torch.set_num_threads(1)  # the driver replica shares its node with the workers
     base = Config.model_validate_json(base_json)
     sweep = SweepConfig.model_validate_json(sweep_json)
@@ -158,7 +155,7 @@ def run_trial(params: dict[str, Any], *, base_json: str, sweep_json: str, runs_d
     )
     run_dir = Path(runs_dir) / name
     _restore_tune_checkpoint(run_dir / "checkpoints")
-    trainer = ClusterTrainer(prepare(config))
+    trainer = ClusterTrainer(with_pretrained(config))
     if sweep.crash_at_step is not None:
         trainer.fault_hook = _crash_once(run_dir / "crashed", sweep.crash_at_step)
     trainer.fit()

@@ -100,3 +100,12 @@ def ensure_pretrained(config: Config, progress: bool = True) -> Path:
     tmp.replace(path)
     path.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
     return path
+
+
+def with_pretrained(config: Config) -> Config:
+    """The config with its cached pretrained backbone as ``model.checkpoint``: pretraining
+    (single process) happens before any trainer, worker or trial builds a replica."""
+    if not config.pretrain.enabled or config.model.checkpoint:
+        return config
+    checkpoint = ensure_pretrained(config, config.train.progress)
+    return with_overrides(config, {"model.checkpoint": str(checkpoint), "pretrain.enabled": False})

@@ -27,7 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fqa.tasks.models import CheckpointError
+
+class CheckpointError(ValueError):
+    """A weights file or checkpoint that is missing, unreadable or belongs to another model."""
+
 
 _FILES = (
     "model.safetensors",

@@ -17,14 +17,19 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fqa.checkpoint import config_differences, latest_checkpoint, load_checkpoint, save_checkpoint
+from fqa.checkpoint import (
+    CheckpointError,
+    config_differences,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fqa.config import Config
 from fqa.estimators import Shard, ShardResult
 from fqa.plots import plot_run
 from fqa.setup import BatchSampler, build_allocator, build_estimator, build_optimizer, build_task
 from fqa.stats import DatapointStats
 from fqa.step import Planned, QueryPlanner, ReplicaUpdater, step_metrics
-from fqa.tasks.models import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -1,51 +1,53 @@
 """``python -m jobs.bench variance|accuracy|throughput|scaling [--quick] [--out DIR]``.
 
-One command per benchmark; each writes ``<name>.json`` and ``<name>.png`` to ``--out``
-(default ``docs/results``) and prints its table. ``scaling`` needs Ray (it joins a
+One command per benchmark (the modules of ``benchmarks/``); each writes ``<name>.json``
+and ``<name>.png`` to ``--out`` (default ``docs/results``), prints its table and then, as
+its last line, a one-line JSON naming what it wrote. ``scaling`` needs Ray (it joins a
 running Ray instance when this process already has one, else starts an embedded one);
-the others are pure PyTorch (``fqa bench`` runs them too).
+the others are pure PyTorch. ``fqa bench <name>`` is the same command.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import os
 from pathlib import Path
 
-from fqa import bench_accuracy, bench_throughput, bench_variance
+BENCHMARKS = ("variance", "accuracy", "throughput", "scaling")
 
 
-def _scaling(args) -> None:
-    from jobs.bench_scaling import report_scaling, run
+def add_benchmarks(commands) -> None:
+    """One subcommand per benchmark module, on an argparse ``add_subparsers()`` object."""
+    for name in BENCHMARKS:
+        module = importlib.import_module(f"benchmarks.{name}")
+        summary = module.__doc__.splitlines()[0].split(": ", 1)[-1]
+        sub = commands.add_parser(name, help=summary, description=module.__doc__)
+        sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        module.add_arguments(sub)
+        sub.set_defaults(benchmark=name)
 
-    report_scaling(
-        run(args.config, args.quick, Path(args.out), Path(args.runs) / "scaling"), args.out
-    )
+
+def run_benchmark(args) -> int:
+    importlib.import_module(f"benchmarks.{args.benchmark}").run(args)
+    written = Path(args.out) / f"{args.benchmark}.json"
+    print(json.dumps({"benchmark": args.benchmark, "json": str(written)}), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__)
-    commands = parser.add_subparsers(dest="name", required=True)
-    for name, module, run in (
-        ("variance", bench_variance, bench_variance.run_variance_bench),
-        ("accuracy", bench_accuracy, bench_accuracy.run_accuracy_bench),
-        ("throughput", bench_throughput, bench_throughput.run_throughput_bench),
-    ):
-        sub = commands.add_parser(name, help=module.__doc__.splitlines()[0].split(": ", 1)[-1])
-        module.add_arguments(sub)
-        sub.set_defaults(run=run)
-    scaling = commands.add_parser("scaling", help="cluster speedup and per-worker throughput")
-    scaling.add_argument("--config", default="jobs/configs/vit_digits.yaml")
-    scaling.add_argument("--out", default="docs/results")
-    scaling.add_argument("--runs", default="runs/bench", help="scratch run directories")
-    scaling.add_argument("--quick", action="store_true", help="tiny settings for tests")
-    scaling.set_defaults(run=_scaling)
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_benchmarks(parser.add_subparsers(dest="name", required=True))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    args.run(args)
-    return 0
+    return run_benchmark(args)
 
 
 if __name__ == "__main__":

@@ -16,25 +16,14 @@ import sys
 import traceback
 from typing import Any
 
-from fqa.config import Config, ConfigError, load_config, parse_overrides, with_overrides
-
-
-def prepare(config: Config) -> Config:
-    """Pretraining (cached, single process) happens before the workers build replicas."""
-    if config.pretrain.enabled and not config.model.checkpoint:
-        from fqa.backprop import ensure_pretrained
-
-        checkpoint = ensure_pretrained(config, config.train.progress)
-        config = with_overrides(
-            config, {"model.checkpoint": str(checkpoint), "pretrain.enabled": False}
-        )
-    return config
+from fqa.backprop import with_pretrained
+from fqa.config import Config, ConfigError, load_config, parse_overrides
 
 
 def run(config: Config) -> dict[str, Any]:
     from cluster.driver import ClusterTrainer
 
-    return ClusterTrainer(prepare(config)).fit()
+    return ClusterTrainer(with_pretrained(config)).fit()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from cluster.driver import ClusterError
         from cluster.runtime import ClusterResourceError
-        from fqa.tasks.models import CheckpointError
+        from fqa.checkpoint import CheckpointError
         from fqa.trainer import TrainingError
 
         # bad input (config, data, weights: all ValueErrors) is reported, not traced

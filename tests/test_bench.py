@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fqa.bench_accuracy import method_grid
+from benchmarks.accuracy import method_grid
 from jobs.bench import main
 from tests.conftest import TINY_VIT
 
@@ -150,5 +150,6 @@ def test_scaling_quick_through_the_dispatcher(ray_cluster, tiny_config, tmp_path
     assert ray.is_initialized()  # it joined the session's instance and left it running
     result = json.loads((out / "scaling.json").read_text())
     assert result["speedup_2v1"] > 0 and result["worker_efficiency"] > 0
+    assert set(result["projected_step_seconds"]) >= {"8", "16", "32", "64"}
     assert (out / "scaling.png").is_file()
     assert "speedup 2 workers vs 1" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from fqa.cli import main
+from jobs.cli import main
 from tests.conftest import TINY_VIT
 
 

@@ -273,7 +273,7 @@ def test_prompt_tuning_needs_the_loss_only_estimator(clip_config):
 
 
 def test_queries_to_reach_reads_the_first_crossing(tmp_path):
-    from fqa.experiment import backprop_notes, queries_to_reach
+    from jobs.experiment import backprop_notes, queries_to_reach
 
     path = tmp_path / "metrics.jsonl"
     records = [

@@ -239,7 +239,7 @@ def test_fqa_train_workers_runs_the_main_job_on_the_cluster(ray_cluster, digits_
     start a second instance, nor shut this one down) and trains on 2 QueryWorkers."""
     import yaml
 
-    from fqa.cli import main
+    from jobs.cli import main
     from tests.conftest import TINY_VIT
 
     config = {
@@ -262,18 +262,3 @@ def test_fqa_train_workers_runs_the_main_job_on_the_cluster(ray_cluster, digits_
     assert config_used["cluster"]["num_workers"] == 2
     records = (tmp_path / "runs" / "cli-workers" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["redispatched"] for r in records] == [0, 0]  # cluster-only metric
-
-
-@pytest.mark.slow
-def test_bench_scaling_quick_writes_its_ratios(ray_cluster, tiny_config, tmp_path, capsys):
-    from jobs.bench_scaling import main as bench_main
-
-    path = tmp_path / "bench.yaml"
-    path.write_text(json.dumps(tiny_config().model_dump(mode="json")))  # JSON is YAML
-    out = tmp_path / "scaling"
-    assert bench_main(["--config", str(path), "--out", str(out), "--quick"]) == 0
-    result = json.loads((out / "scaling.json").read_text())
-    assert result["speedup_2v1"] > 0 and 0 < result["worker_efficiency"]
-    assert set(result["projected_step_seconds"]) >= {"8", "16", "32", "64"}
-    assert (out / "scaling.png").is_file()
-    assert "speedup 2 workers vs 1" in capsys.readouterr().out

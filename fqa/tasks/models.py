@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fqa.checkpoint import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -20,10 +22,6 @@ TINY_VIT = {
     "depth": 2,
     "num_heads": 2,
 }
-
-
-class CheckpointError(ValueError):
-    """A weights file that is missing, unreadable or belongs to another model."""
 
 
 def create_timm_model(

@@ -18,7 +18,6 @@ ratio to that run's own queries. Writes accuracy.json and accuracy.png.
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.plots import plt
 from fqa.tasks.models import TINY_VIT
 
@@ -114,7 +114,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_accuracy_bench(args) -> dict[str, Any]:
+def run(args) -> dict[str, Any]:
     from fqa.backprop import ensure_pretrained
     from fqa.config import load_config
 
@@ -163,10 +163,7 @@ def run_accuracy_bench(args) -> dict[str, Any]:
         "table": table,
         "runs": runs,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps(report, indent=1))
-    _plot(report, out / "accuracy.png")
+    write_report(args.out, "accuracy", report, _plot)
     print(format_table(table))
     return report
 
@@ -253,19 +250,14 @@ def _plot(report: dict, path: Path) -> None:
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", default="jobs/configs/vit_digits.yaml")
+    add_common_arguments(parser)
     parser.add_argument("--regimes", default="last_block,full", help="comma separated")
     parser.add_argument("--total-queries", type=int, default=24_000, help="per run")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pretrain-epochs", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel")
-    parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--runs", default="runs/bench", help="scratch run directories")
-    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")

@@ -1,5 +1,4 @@
-"""``python -m jobs.bench scaling [--quick]`` (also ``python -m jobs.bench_scaling``): how
-the cluster layer scales, in one run.
+"""``python -m jobs.bench scaling``: how the cluster layer scales, in one run.
 
 1. Speedup: the same spsa job (same config, seed, steps) on 2 QueryWorkers with one
    thread each against 1 worker with one thread; mean step time after a warm-up step.
@@ -9,14 +8,13 @@ the cluster layer scales, in one run.
 3. Projection: step time for 8-64 workers from the measured per-query cost c and the
    per-step overhead o of the 1-worker run: T(W) = o + Q·c/W (Q queries per step).
 
-Writes ``scaling.json`` (and ``scaling.png``) to ``--out`` (default runs/bench/scaling).
+Writes scaling.json and scaling.png. Needs Ray: it joins a running Ray instance when this
+process already has one, else starts an embedded one.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import numpy as np
 import ray
 import torch
 
+from benchmarks.common import add_common_arguments, save_figure, write_report
 from cluster.runtime import connect
 from cluster.worker import QueryWorker
 from fqa.config import Config, load_config, with_overrides
@@ -97,10 +96,17 @@ def timed_run(config: Config, workers: int) -> dict[str, Any]:
     }
 
 
-def run(config_path: str, quick: bool, out: Path, runs: Path | None = None) -> dict[str, Any]:
-    """``runs``: scratch run directories (default: ``out/runs``)."""
-    out.mkdir(parents=True, exist_ok=True)
-    config = bench_config(config_path, quick, runs or out / "runs")
+def run(args) -> dict[str, Any]:
+    result = measure(args.config, args.quick, Path(args.runs) / "scaling")
+    write_report(args.out, "scaling", result, _plot)
+    print(format_report(result))
+    return result
+
+
+def measure(config_path: str, quick: bool, runs: Path) -> dict[str, Any]:
+    """The 2-vs-1 speedup, one worker's efficiency and the projection; ``runs``: scratch
+    run directories."""
+    config = bench_config(config_path, quick, runs)
     owns = connect(num_cpus=2)
     try:
         one, two = timed_run(config, 1), timed_run(config, 2)
@@ -138,16 +144,11 @@ def run(config_path: str, quick: bool, out: Path, runs: Path | None = None) -> d
             w: overhead + queries * per_query / w for w in (1, 2, 8, 16, 32, 64)
         },
     }
-    (out / "scaling.json").write_text(json.dumps(result, indent=1))
-    _plot(result, out / "scaling.png")
     return result
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fqa.plots import plt
 
     projected = result["projected_step_seconds"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -160,35 +161,21 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     )
     ax.set(xscale="log", yscale="log", xlabel="workers", ylabel="step seconds")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
-def report_scaling(result: dict[str, Any], out: str) -> None:
-    """Print the benchmark's table (shared by ``python -m jobs.bench scaling``)."""
-    print(f"speedup 2 workers vs 1 (one thread each): {result['speedup_2v1']:.2f}x")
-    print(
+def format_report(result: dict[str, Any]) -> str:
+    lines = [
+        f"speedup 2 workers vs 1 (one thread each): {result['speedup_2v1']:.2f}x",
         f"per-worker spsa throughput: {result['worker']['spsa_queries_per_s']:.0f} queries/s = "
         f"{result['worker_efficiency']:.0%} of a plain inference_mode forward "
-        f"({result['worker']['forward_rows_per_s']:.0f} rows/s, batch {result['worker']['rows']})"
-    )
-    print(f"per-step overhead: {result['per_step_overhead_s'] * 1e3:.1f} ms")
+        f"({result['worker']['forward_rows_per_s']:.0f} rows/s, batch {result['worker']['rows']})",
+        f"per-step overhead: {result['per_step_overhead_s'] * 1e3:.1f} ms",
+    ]
     for workers, seconds in result["projected_step_seconds"].items():
-        print(f"projected step time, {workers:>2} workers: {seconds * 1e3:.1f} ms")
-    print(json.dumps({"out": out, "speedup_2v1": result["speedup_2v1"]}))
+        lines.append(f"projected step time, {workers:>2} workers: {seconds * 1e3:.1f} ms")
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_scaling", description=__doc__)
-    parser.add_argument("--config", default="jobs/configs/vit_digits.yaml")
-    parser.add_argument("--out", default="runs/bench/scaling")
-    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    report_scaling(run(args.config, args.quick, Path(args.out)), args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def add_arguments(parser) -> None:
+    add_common_arguments(parser)

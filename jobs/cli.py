@@ -33,24 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--out", required=True, help="output directory")
     prepare.add_argument("--seed", type=int, default=0)
 
-    bench = commands.add_parser("bench", help="benchmarks (scaling: python -m jobs.bench scaling)")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    from fqa import bench_accuracy, bench_throughput, bench_variance
+    from jobs.bench import add_benchmarks, run_benchmark
 
-    for name, module in (
-        ("variance", bench_variance),
-        ("accuracy", bench_accuracy),
-        ("throughput", bench_throughput),
-    ):
-        module.add_arguments(
-            bench_commands.add_parser(name, help=module.__doc__.splitlines()[0].split(": ", 1)[-1])
-        )
+    bench = commands.add_parser("bench", help="benchmarks (the same as python -m jobs.bench)")
+    add_benchmarks(bench.add_subparsers(dest="bench_command", required=True))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from fqa.checkpoint import CheckpointError
     from fqa.config import ConfigError
     from fqa.data import DataError
-    from fqa.tasks.models import CheckpointError
 
     try:
         if args.command == "train":
@@ -62,13 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: str(v) for k, v in paths.items()}))
             return 0
         if args.command == "bench":
-            run = {
-                "variance": bench_variance.run_variance_bench,
-                "accuracy": bench_accuracy.run_accuracy_bench,
-                "throughput": bench_throughput.run_throughput_bench,
-            }[args.bench_command]
-            run(args)
-            return 0
+            return run_benchmark(args)
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:
         print(f"fqa: error: {exc}", file=sys.stderr)
         return 2
@@ -77,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from fqa.config import load_config, parse_overrides, with_overrides
-    from fqa.experiment import run_experiment
     from fqa.trainer import TrainingError
+    from jobs.experiment import run_experiment
 
     overrides = parse_overrides(args.set)
     factory = None

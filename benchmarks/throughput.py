@@ -18,7 +18,6 @@ For the same model and sub-batch of rows:
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.config import load_config
 from fqa.plots import plt
 from fqa.setup import build_estimator, build_task
@@ -142,7 +142,7 @@ def measure(config_path: str, trainable: str, rows: int, reps: int, overrides: d
     }
 
 
-def run_throughput_bench(args) -> dict[str, Any]:
+def run(args) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     quick = args.quick
     sizes = [16, 64] if quick else [int(s) for s in args.rows.split(",")]
@@ -156,10 +156,7 @@ def run_throughput_bench(args) -> dict[str, Any]:
         for mode, rows in tqdm(cells, desc="throughput", disable=quick)
     ]
     report = {"threads": args.threads, "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(report, indent=1))
-    _plot(report, out / "throughput.png")
+    write_report(args.out, "throughput", report, _plot)
     print(format_report(report))
     return report
 
@@ -211,16 +208,12 @@ def _plot(report: dict, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", default="jobs/configs/vit_digits.yaml")
+    add_common_arguments(parser, runs=False)
     parser.add_argument("--trainable", default="full,last_blocks", help="comma separated modes")
     parser.add_argument("--rows", default="16,64,256", help="rows per shard, comma separated")
     parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")

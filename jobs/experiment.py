@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fqa.backprop import ensure_pretrained, train_backprop
+from fqa.backprop import train_backprop, with_pretrained
 from fqa.config import Config, with_overrides
 from fqa.plots import plot_runs, read_metrics
 from fqa.setup import build_task
@@ -21,11 +21,7 @@ def run_experiment(
     """``trainer_factory`` builds the main run's trainer (the cluster layer passes its
     ``ClusterTrainer``); the comparison runs always use the single-process ``Trainer``."""
     progress = config.train.progress
-    if config.pretrain.enabled and not config.model.checkpoint:
-        checkpoint = ensure_pretrained(config, progress)
-        config = with_overrides(
-            config, {"model.checkpoint": str(checkpoint), "pretrain.enabled": False}
-        )
+    config = with_pretrained(config)
 
     trainer = trainer_factory(config)
     metric = getattr(trainer.task, "primary_metric", "accuracy")  # the task's headline metric

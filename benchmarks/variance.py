@@ -15,7 +15,6 @@ by bootstrap over repetitions. Writes variance.json and variance.png.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.allocators import AllocationRequest, create_allocator
 from fqa.backprop import ensure_pretrained, train_backprop
 from fqa.config import load_config, with_overrides
@@ -243,17 +243,14 @@ def run_one_estimator(args, estimator: str) -> dict:
     }
 
 
-def run_variance_bench(args) -> dict:
+def run(args) -> dict:
     if args.quick:
         args.budgets, args.reps, args.learn_steps, args.fit_passes = "2,4", 3, 6, 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     estimators = ["lr", "spsa"] if args.estimator == "both" else [args.estimator]
     started = time.perf_counter()
     report = {"results": [run_one_estimator(args, name) for name in estimators]}
     report["wall_seconds"] = time.perf_counter() - started
-    (out / "variance.json").write_text(json.dumps(report, indent=1))
-    _plot(report, out / "variance.png")
+    write_report(args.out, "variance", report, _plot)
     print(format_report(report))
     return report
 
@@ -298,13 +295,11 @@ def _plot(report: dict, path: Path) -> None:
         ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", default="jobs/configs/vit_digits.yaml")
+    add_common_arguments(parser)
     parser.add_argument("--estimator", default="both", choices=["lr", "spsa", "both"])
     parser.add_argument(
         "--trainable", default="last_blocks", choices=["head", "last_blocks", "lora", "full"]
@@ -329,6 +324,3 @@ def add_arguments(parser) -> None:
         default=32,
         help="lr: Monte Carlo samples per datapoint for v_i",
     )
-    parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--runs", default="runs/bench", help="scratch run directories")
-    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")

@@ -1,0 +1,1 @@
+"""Benchmarks: each module measures one claim and writes <name>.json and <name>.png."""
