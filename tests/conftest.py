@@ -133,3 +133,14 @@ def ray_cluster():
     )
     yield {"dashboard_url": f"http://{context.dashboard_url}", "address": context.address_info}
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the Ray instance is a ``ray`` test whether or not it says so
+    (``make test-fast`` deselects them); ``gpu`` tests skip without a CUDA device."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
