@@ -96,7 +96,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(50, ge=1)  # steps between validation evaluations
     checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints
     max_nonfinite_steps: int = Field(5, ge=1)  # consecutive skipped steps before stopping
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # a tqdm bar on a terminal, else plain lines (fqa.progress)
+    log_every: int = Field(25, ge=1)  # steps between plain progress lines off a terminal
 
 
 class PretrainConfig(_Section):

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from fqa.checkpoint import (
     CheckpointError,
@@ -26,7 +25,7 @@ from fqa.checkpoint import (
 )
 from fqa.config import Config
 from fqa.estimators import Shard, ShardResult
-from fqa.plots import plot_run
+from fqa.progress import Progress
 from fqa.setup import BatchSampler, build_allocator, build_estimator, build_optimizer, build_task
 from fqa.stats import DatapointStats
 from fqa.step import Planned, QueryPlanner, ReplicaUpdater, step_metrics
@@ -38,6 +37,7 @@ _RESUMABLE_CHANGES = (
     "run.",
     "train.steps",
     "train.progress",
+    "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",
     "compare.",
@@ -144,16 +144,19 @@ class Trainer:
         )
         metrics_path = self.run_dir / "metrics.jsonl"
         _truncate_metrics(metrics_path, self.global_step)
-        bar = tqdm(
-            total=cfg.steps, initial=self.global_step, disable=not cfg.progress, desc=self.config.run.name
+        bar = Progress(
+            cfg.steps,
+            self.config.run.name,
+            enabled=cfg.progress,
+            every=cfg.log_every,
+            initial=self.global_step,
         )
         with open(metrics_path, "a") as sink:
             while self.global_step < cfg.steps:
                 metrics = self.step()
                 sink.write(json.dumps(metrics) + "\n")
                 sink.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", q=self.queries)
+                bar.update(1, loss=f"{metrics['loss']:.3f}", queries=self.queries)
                 if self.skipped_in_a_row >= cfg.max_nonfinite_steps:
                     path = self.save()
                     raise TrainingError(
@@ -183,10 +186,7 @@ class Trainer:
             "nonfinite": self.nonfinite_total,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_run(
-            self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", title=self.config.run.name
-        )
-        return summary
+        return summary  # plots are the entrypoints' (fqa.plots.draw_run)
 
     # ---- checkpoints --------------------------------------------------------------------
     def save(self) -> Path:

@@ -18,12 +18,16 @@ from typing import Any
 
 from fqa.backprop import with_pretrained
 from fqa.config import Config, ConfigError, load_config, parse_overrides
+from fqa.plots import draw_run
 
 
 def run(config: Config) -> dict[str, Any]:
     from cluster.driver import ClusterTrainer
 
-    return ClusterTrainer(with_pretrained(config)).fit()
+    trainer = ClusterTrainer(with_pretrained(config))
+    summary = trainer.fit()
+    draw_run(trainer.run_dir)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
