@@ -119,7 +119,7 @@ class CompareConfig(_Section):
 
 class TaskConfig(_Section):
     # what is learned; the CLIP tasks read model.name as an open_clip model
-    name: Literal["image_classification", "clip_align", "clip_prompt"] = "image_classification"
+    name: str = "image_classification"  # see fqa.tasks.list_tasks()
     # CLIP: training captions written from class names by these templates, one chosen by
     # the image's index (None: the Parquet caption column)
     caption_templates: list[str] | None = None
@@ -163,6 +163,14 @@ class Config(_Section):
         from fqa.estimators import ESTIMATORS
 
         ESTIMATORS.check(value.name)
+        return value
+
+    @field_validator("task", mode="after")
+    @classmethod
+    def _known_task(cls, value: TaskConfig) -> TaskConfig:
+        from fqa.tasks import TASKS
+
+        TASKS.check(value.name)
         return value
 
     @field_validator("allocator", mode="after")

@@ -18,7 +18,7 @@ from fqa.data import ImageDataset, ensure_digits, load_splits
 from fqa.estimators import Estimator, create_estimator
 from fqa.estimators.lr import unestimated_parameters
 from fqa.seeding import derive_seed
-from fqa.tasks.image_classification import build_image_task
+from fqa.tasks import create_task
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +36,10 @@ def load_data(config: Config) -> tuple[dict[str, ImageDataset], int]:
 
 
 def build_task(config: Config):
-    """The task the config names (``task.name``), built on the configured data."""
-    if config.task.name == "clip_align":
-        from fqa.tasks.clip_align import build_clip_align_task
-
-        return build_clip_align_task(config, load_data(config)[0])
-    if config.task.name == "clip_prompt":
-        from fqa.tasks.clip_prompt import build_clip_prompt_task
-
-        return build_clip_prompt_task(config, load_data(config)[0])
+    """The task the config names (``task.name``, see ``fqa.tasks.list_tasks()``), built
+    on the configured data."""
     splits, num_classes = load_data(config)
-    return build_image_task(config, splits, num_classes)
+    return create_task(config.task.name, config=config, splits=splits, num_classes=num_classes)
 
 
 def configured_estimator(config: Config) -> Estimator:
