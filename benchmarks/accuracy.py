@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.plots import plt
+from fqa.progress import progress
 from fqa.tasks.models import TINY_VIT
 
 REGIMES = {
@@ -132,11 +133,9 @@ def run(args) -> dict[str, Any]:
         for estimator, allocator, q in method_grid()
     ]
     jobs.sort(key=lambda j: j["estimator"] != "lr")  # slowest first: the pool ends together
-    from tqdm.auto import tqdm
-
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         runs = list(
-            tqdm(pool.map(_run, jobs), total=len(jobs), desc="accuracy runs", disable=args.quick)
+            progress(pool.map(_run, jobs), len(jobs), "accuracy runs", enabled=not args.quick, every=4)
         )
     table = [row for regime in regimes for row in regime_table(regime, runs)]
     report = {

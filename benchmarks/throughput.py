@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.config import load_config
 from fqa.plots import plt
+from fqa.progress import progress
 from fqa.setup import build_estimator, build_task
 from fqa.tasks.models import TINY_VIT
 
@@ -153,7 +153,7 @@ def run(args) -> dict[str, Any]:
     cells = [(m, r) for m in modes for r in sizes]
     results = [
         measure(args.config, mode, rows, 3 if quick else args.reps, overrides)
-        for mode, rows in tqdm(cells, desc="throughput", disable=quick)
+        for mode, rows in progress(cells, len(cells), "throughput", enabled=not quick, every=1)
     ]
     report = {"threads": args.threads, "results": results}
     write_report(args.out, "throughput", report, _plot)
