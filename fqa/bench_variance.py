@@ -97,12 +97,13 @@ def learn_allocators(
     history = []
     for step in tqdm(range(steps), disable=not progress, desc="learn allocator"):
         started = time.perf_counter()
-        plan = trainer.plan_step(step)
-        history.append(plan.planned.request)
-        results = trainer.evaluate_shards(plan)
+        ids = trainer.sampler.batch(step)
+        planned = trainer.planner.plan(step, ids, trainer.executor.prepass(step, ids)["loss"])
+        history.append(planned.request)
+        results = trainer.executor.evaluate(step, planned.shards)
         learn_started = time.perf_counter()
-        trainer.planner.learn(plan.planned, results)
-        allocator_seconds += plan.planned.seconds + time.perf_counter() - learn_started
+        trainer.planner.learn(planned, results)
+        allocator_seconds += planned.seconds + time.perf_counter() - learn_started
         step_seconds += time.perf_counter() - started
     return (
         trainer.stats,
