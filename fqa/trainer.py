@@ -139,6 +139,7 @@ class Trainer:
         return self.executor.primary_metric()
 
     def close(self) -> None:
+        self.planner.close()
         self.executor.close()
 
     def _notify(self, event: str, *args: Any) -> None:
@@ -199,6 +200,7 @@ class Trainer:
             "test_loss": test["loss"],
             "val_accuracy": validation["accuracy"],
             "nonfinite": self.nonfinite_total,
+            **{f"test_{k}": v for k, v in test.items()},  # a task's own metrics too
             **self.executor.summary(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -218,6 +220,7 @@ class Trainer:
             "config": self.config.model_dump(mode="json"),
         }
         path = self.executor.save_checkpoint(self.checkpoint_dir, self.global_step, self.stats, state)
+        self.planner.checkpointed(self.global_step)
         self._notify("on_checkpoint", path)
         return path
 
