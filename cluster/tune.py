@@ -158,18 +158,20 @@ def run_trial(params: dict[str, Any], *, base_json: str, sweep_json: str, runs_d
     _restore_tune_checkpoint(run_dir / "checkpoints")
     trainer = ClusterTrainer(with_pretrained(config))
     if sweep.crash_at_step is not None:
-        trainer.fault_hook = _crash_once(run_dir / "crashed", sweep.crash_at_step)
+        trainer.executor.fault_hook = _crash_once(
+            run_dir / "crashed", sweep.crash_at_step, trainer.checkpoint_dir
+        )
     trainer.fit()
 
 
-def _crash_once(marker: Path, at_step: int):
+def _crash_once(marker: Path, at_step: int, checkpoint_dir: Path):
     """Raise once at ``at_step``, first deleting the trial's local checkpoints as a lost
     node would: the retry can then only resume from the checkpoint Tune persisted."""
 
-    def hook(trainer, step: int) -> None:
+    def hook(pool, step: int) -> None:
         if step == at_step and not marker.exists():
             marker.write_text(str(step))
-            shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
             raise InjectedTrialCrash(f"injected crash at step {step} (sweep crash_at_step)")
 
     return hook

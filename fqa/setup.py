@@ -16,7 +16,6 @@ from fqa.allocators import create_allocator
 from fqa.config import Config
 from fqa.data import ImageDataset, ensure_digits, load_splits
 from fqa.estimators import Estimator, create_estimator
-from fqa.estimators.lr import unestimated_parameters
 from fqa.seeding import derive_seed
 from fqa.tasks import create_task
 
@@ -49,17 +48,8 @@ def configured_estimator(config: Config) -> Estimator:
 
 def build_estimator(config: Config, task) -> Estimator:
     """The configured estimator, with the task's model prepared for it."""
-    est = config.estimator
     estimator = configured_estimator(config)
-    if est.name == "lr":
-        # LR estimates only the weights of the layers it injects noise into; freeze the
-        # rest (norms, embeddings) rather than let the optimizer see zero gradients.
-        frozen = unestimated_parameters(task.model, est.hook_conv)
-        params = dict(task.model.named_parameters())
-        for name in frozen:
-            params[name].requires_grad_(False)
-        if frozen:
-            log.info("lr: %d parameter tensors outside Linear layers stay frozen", len(frozen))
+    estimator.prepare(task)
     return estimator
 
 

@@ -24,8 +24,8 @@ def run_experiment(
     config = with_pretrained(config)
 
     trainer = trainer_factory(config)
-    metric = getattr(trainer.task, "primary_metric", "accuracy")  # the task's headline metric
-    results = [{**trainer.fit(), **_test_metrics(trainer.task)}]
+    metric = trainer.primary_metric  # the task's headline metric
+    results = [trainer.fit()]  # its summary carries every test metric
     draw_run(trainer.run_dir)
     notes = []
     if config.task.name.startswith("clip_"):
@@ -51,7 +51,7 @@ def run_experiment(
             },
         )
         other_trainer = Trainer(other)
-        results.append({**other_trainer.fit(), **_test_metrics(other_trainer.task)})
+        results.append(other_trainer.fit())
         draw_run(other_trainer.run_dir)
         curves[f"{config.estimator.name}/{allocator}"] = _metrics(other)
     if config.compare.backprop:

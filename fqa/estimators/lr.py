@@ -13,6 +13,8 @@ The gradient is accumulated as one matrix product per layer over the shard's row
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
@@ -29,6 +31,8 @@ from fqa.estimators.base import (
 )
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 
 def hooked_modules(model: nn.Module, include_conv: bool) -> list[tuple[str, nn.Module]]:
@@ -231,6 +235,17 @@ class LikelihoodRatioEstimator(Estimator):
         self.antithetic = antithetic
         self.hook_conv = hook_conv
         self.queries_per_sample = 2 if antithetic else 1
+
+    def prepare(self, task: Task) -> None:
+        """LR estimates only the weights of the layers it injects noise into; the rest
+        (norms, embeddings) is frozen rather than left to an optimizer seeing zero
+        gradients."""
+        frozen = unestimated_parameters(task.model, self.hook_conv)
+        params = dict(task.model.named_parameters())
+        for name in frozen:
+            params[name].requires_grad_(False)
+        if frozen:
+            log.info("lr: %d parameter tensors outside Linear layers stay frozen", len(frozen))
 
     def plan(self, ids, counts, baselines, seed, shard_rows):
         counts = np.asarray(counts)
