@@ -7,7 +7,6 @@ optimizer step -> statistics and allocator update -> metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,10 +19,11 @@ from tqdm.auto import tqdm
 from fqa.checkpoint import config_differences, latest_checkpoint, load_checkpoint, save_checkpoint
 from fqa.config import Config
 from fqa.estimators import Shard, ShardResult
-from fqa.plots import plot_run
+from fqa.run_storage import RunStorage
 from fqa.setup import BatchSampler, build_allocator, build_estimator, build_optimizer, build_task
 from fqa.stats import DatapointStats
 from fqa.step import Planned, QueryPlanner, ReplicaUpdater, step_metrics
+from fqa.storage import Remote, location
 from fqa.tasks.models import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,10 @@ class StepPlan:
 class Trainer:
     def __init__(self, config: Config, task=None) -> None:
         self.config = config
-        self.run_dir = Path(config.run.out_dir) / config.run.name
+        # a local directory or an object-store prefix (fqa.run_storage, fqa.storage)
+        self.storage = RunStorage(location(config.run.out_dir) / config.run.name)
+        self.run_dir = self.storage.run_dir
+        self.storage.check()
         self.task = task if task is not None else build_task(config)
         self.estimator = build_estimator(config, self.task)
         self.variance_scale = self.estimator.variance_scale(self.task)
@@ -133,20 +136,21 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(
-            json.dumps(self.config.model_dump(mode="json"), indent=1)
-        )
-        metrics_path = self.run_dir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.global_step)
+        if self.global_step > cfg.steps:
+            log.warning(
+                "run %s already finished %d steps, more than train.steps=%d: returning its "
+                "results unchanged (use a new run.name to train a shorter run)",
+                self.run_dir, self.global_step, cfg.steps,
+            )
+        self.storage.write_json("config.json", self.config.model_dump(mode="json"))
+        self.storage.open_metrics(self.global_step)
         bar = tqdm(
             total=cfg.steps, initial=self.global_step, disable=not cfg.progress, desc=self.config.run.name
         )
-        with open(metrics_path, "a") as sink:
+        try:
             while self.global_step < cfg.steps:
                 metrics = self.step()
-                sink.write(json.dumps(metrics) + "\n")
-                sink.flush()
+                self.storage.append(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", q=self.queries)
                 if self.skipped_in_a_row >= cfg.max_nonfinite_steps:
@@ -159,6 +163,8 @@ class Trainer:
                     )
                 if self.global_step % cfg.checkpoint_every == 0:
                     self.save()
+        finally:
+            self.storage.close_metrics()
         bar.close()
         self.save()
         return self.finish()
@@ -176,15 +182,20 @@ class Trainer:
             "test_loss": test["loss"],
             "val_accuracy": validation["accuracy"],
             "nonfinite": self.nonfinite_total,
+            "run_dir": str(self.run_dir),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_run(
-            self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", title=self.config.run.name
-        )
+        if self.global_step > self.config.train.steps:
+            summary["note"] = (
+                f"the run had already finished {self.global_step} steps, more than "
+                f"train.steps={self.config.train.steps}; these are its results"
+            )
+        self.storage.write_json("summary.json", summary)
+        self.storage.plot(self.config.run.name)
         return summary
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self) -> Path | Remote:
+        self.storage.sync()  # metrics first: a resumed run has the lines of its checkpoint
         state = {
             "queries": self.queries,
             "skipped_in_a_row": self.skipped_in_a_row,
@@ -205,8 +216,10 @@ class Trainer:
         path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is not None:
             self.restore(path)
+        else:
+            log.info("no checkpoint in %s: run %s starts fresh", self.run_dir, self.config.run.name)
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path | Remote) -> None:
         data = load_checkpoint(path)
         differences = [
             d
@@ -228,18 +241,3 @@ class Trainer:
         self.skipped_in_a_row = data.state["skipped_in_a_row"]
         self.nonfinite_total = data.state["nonfinite_total"]
         log.info("resumed %s at step %d (%d queries)", path, self.global_step, self.queries)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the resumed step, so every step index appears exactly once."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line torn by a killed driver: the step reruns
-            continue
-        if record["step"] < step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
