@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from fqa.config import Config, with_overrides
 from fqa.progress import Progress
 from fqa.setup import BatchSampler, build_optimizer, build_task, set_learning_rate
+from fqa.storage import Remote, location, scratch_dir
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +95,16 @@ def pretrain_config(config: Config) -> Config:
     )
 
 
-def ensure_pretrained(config: Config, progress: bool = True) -> Path:
+def ensure_pretrained(config: Config, progress: bool = True) -> Path | Remote:
     """Pretrain the backbone on the source classes once; later runs reuse the cached file."""
     source = pretrain_config(config)
     fields = ("run.seed", "data", "model", "pretrain")
     if config.task.name.startswith("clip_"):
         fields += ("task.name", "task.caption_templates")
     key = source.fingerprint(fields)
-    path = Path(config.pretrain.cache_dir) / f"pretrain-{key}.safetensors"
+    path = location(config.pretrain.cache_dir) / f"pretrain-{key}.safetensors"
     if path.is_file():
+        log.info("pretrained weights from the cache: %s", path)
         return path
     task = build_task(source)
     steps_per_epoch = max(1, len(task.train_ids()) // source.train.batch_size)
@@ -114,9 +116,16 @@ def ensure_pretrained(config: Config, progress: bool = True) -> Path:
         config.pretrain.classes,
         metrics["test_accuracy"],
     )
+    state = {k: v.contiguous() for k, v in task.model.state_dict().items()}
+    if isinstance(path, Remote):  # one object upload is atomic; the metrics file first
+        staged = scratch_dir("fqa-pretrain-") / path.name
+        save_file(state, str(staged))
+        (path.parent / f"pretrain-{key}.json").write_text(json.dumps(metrics, indent=1))
+        path.upload(staged)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in task.model.state_dict().items()}, str(tmp))
+    save_file(state, str(tmp))
     tmp.replace(path)
     path.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
     return path

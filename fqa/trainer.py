@@ -7,7 +7,6 @@ optimizer step -> statistics and allocator update -> metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -16,13 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from fqa.checkpoint import CheckpointError, config_differences, latest_checkpoint
+from fqa.checkpoint import (
+    CheckpointError,
+    config_differences,
+    latest_checkpoint,
+    local_checkpoint,
+)
 from fqa.config import Config
 from fqa.executor import Executor, InProcessExecutor
 from fqa.progress import Progress
+from fqa.run_storage import RunStorage
 from fqa.setup import BatchSampler, build_allocator
 from fqa.stats import DatapointStats
 from fqa.step import QueryPlanner, step_metrics
+from fqa.storage import Remote, location
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,10 @@ class Trainer:
 
     def __init__(self, config: Config, task=None, executor: Executor | None = None) -> None:
         self.config = config
-        self.run_dir = Path(config.run.out_dir) / config.run.name
+        # a local directory or an object-store prefix (fqa.run_storage, fqa.storage)
+        self.storage = RunStorage(location(config.run.out_dir) / config.run.name)
+        self.run_dir = self.storage.run_dir
+        self.storage.check()
         self.executor = executor if executor is not None else InProcessExecutor(config, task)
         self.estimator = self.executor.estimator
         self.variance_scale = self.executor.variance_scale()
@@ -156,12 +165,16 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(
-            json.dumps(self.config.model_dump(mode="json"), indent=1)
-        )
-        metrics_path = self.run_dir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.global_step)
+        if self.global_step > cfg.steps:
+            log.warning(
+                "run %s already finished %d steps, more than train.steps=%d: returning its "
+                "results unchanged (use a new run.name to train a shorter run)",
+                self.run_dir,
+                self.global_step,
+                cfg.steps,
+            )
+        self.storage.write_json("config.json", self.config.model_dump(mode="json"))
+        self.storage.open_metrics(self.global_step)
         bar = Progress(
             cfg.steps,
             self.config.run.name,
@@ -169,11 +182,10 @@ class Trainer:
             every=cfg.log_every,
             initial=self.global_step,
         )
-        with open(metrics_path, "a") as sink:
+        try:
             while self.global_step < cfg.steps:
                 metrics = self.step()
-                sink.write(json.dumps(metrics) + "\n")
-                sink.flush()
+                self.storage.append(metrics)
                 bar.update(1, loss=f"{metrics['loss']:.3f}", queries=self.queries)
                 if self.skipped_in_a_row >= cfg.max_nonfinite_steps:
                     path = self.save()
@@ -185,6 +197,8 @@ class Trainer:
                     )
                 if self.global_step % cfg.checkpoint_every == 0:
                     self.save()
+        finally:
+            self.storage.close_metrics()
         bar.close()
         self.save()
         return self.finish()
@@ -204,13 +218,20 @@ class Trainer:
             "nonfinite": self.nonfinite_total,
             **{f"test_{k}": v for k, v in test.items()},  # a task's own metrics too
             **self.executor.summary(),
+            "run_dir": str(self.run_dir),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.global_step > self.config.train.steps:
+            summary["note"] = (
+                f"the run had already finished {self.global_step} steps, more than "
+                f"train.steps={self.config.train.steps}; these are its results"
+            )
+        self.storage.write_json("summary.json", summary)
         self._notify("on_finish")
-        return summary  # plots are the entrypoints' (fqa.plots.draw_run)
+        return summary  # plots are the entrypoints' (RunStorage.plot)
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self) -> Path | Remote:
+        self.storage.sync()  # metrics first: a resumed run has the lines of its checkpoint
         state = {
             "queries": self.queries,
             "skipped_in_a_row": self.skipped_in_a_row,
@@ -218,7 +239,9 @@ class Trainer:
             **self.planner.state(),
             "config": self.config.model_dump(mode="json"),
         }
-        path = self.executor.save_checkpoint(self.checkpoint_dir, self.global_step, self.stats, state)
+        path = self.executor.save_checkpoint(
+            self.checkpoint_dir, self.global_step, self.stats, state
+        )
         self.planner.checkpointed(self.global_step)
         self._notify("on_checkpoint", path)
         return path
@@ -227,8 +250,10 @@ class Trainer:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is not None:
             self.restore(path)
+        else:
+            log.info("no checkpoint in %s: run %s starts fresh", self.run_dir, self.config.run.name)
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path | Remote) -> None:
         def same_config(state: dict[str, Any]) -> None:
             differences = [
                 d
@@ -244,25 +269,12 @@ class Trainer:
         state = self.executor.restore(path, same_config)
         self.planner.load_state(
             state,
-            DatapointStats.load(path / STATS_FILE, self.config.allocator.stats_decay),
+            DatapointStats.load(
+                local_checkpoint(path) / STATS_FILE, self.config.allocator.stats_decay
+            ),
         )
         self.global_step = state["step"]
         self.queries = state["queries"]
         self.skipped_in_a_row = state["skipped_in_a_row"]
         self.nonfinite_total = state["nonfinite_total"]
         log.info("resumed %s at step %d (%d queries)", path, self.global_step, self.queries)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the resumed step, so every step index appears exactly once."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line torn by a killed driver: the step reruns
-            continue
-        if record["step"] < step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))

@@ -10,7 +10,7 @@ from typing import Any
 
 from fqa.backprop import train_backprop, with_pretrained
 from fqa.config import Config, with_overrides
-from fqa.plots import draw_run, plot_runs, read_metrics
+from fqa.plots import plot_runs, read_metrics
 from fqa.setup import build_task
 from fqa.trainer import Trainer
 
@@ -26,7 +26,7 @@ def run_experiment(
     trainer = trainer_factory(config)
     metric = trainer.primary_metric  # the task's headline metric
     results = [trainer.fit()]  # its summary carries every test metric
-    draw_run(trainer.run_dir)
+    trainer.storage.plot(config.run.name)
     notes = []
     if config.task.name.startswith("clip_"):
         # the untuned starting point: what forward-only training has to improve on
@@ -52,7 +52,7 @@ def run_experiment(
         )
         other_trainer = Trainer(other)
         results.append(other_trainer.fit())
-        draw_run(other_trainer.run_dir)
+        other_trainer.storage.plot(other.run.name)
         curves[f"{config.estimator.name}/{allocator}"] = _metrics(other)
     if config.compare.backprop:
         steps = config.compare.backprop_steps or config.train.steps

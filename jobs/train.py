@@ -18,7 +18,6 @@ from typing import Any
 
 from fqa.backprop import with_pretrained
 from fqa.config import Config, ConfigError, load_config, parse_overrides
-from fqa.plots import draw_run
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -26,7 +25,7 @@ def run(config: Config) -> dict[str, Any]:
 
     trainer = ClusterTrainer(with_pretrained(config))
     summary = trainer.fit()
-    draw_run(trainer.run_dir)
+    trainer.storage.plot(config.run.name)  # curves.png beside the metrics, local or remote
     return summary
 
 
