@@ -1,4 +1,4 @@
-"""``python -m jobs.bench variance|accuracy|throughput|scaling [--quick] [--out DIR]``.
+"""``python -m jobs.bench variance|accuracy|throughput|fewshot|scaling [--quick] [--out DIR]``.
 
 One command per benchmark; each writes ``<name>.json`` and ``<name>.png`` to ``--out``
 (default ``docs/results``) and prints its table. ``scaling`` needs Ray (it joins a
@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from benchmarks import fewshot
 from fqa import bench_accuracy, bench_throughput, bench_variance
 
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         ("variance", bench_variance, bench_variance.run_variance_bench),
         ("accuracy", bench_accuracy, bench_accuracy.run_accuracy_bench),
         ("throughput", bench_throughput, bench_throughput.run_throughput_bench),
+        ("fewshot", fewshot, fewshot.run_fewshot_bench),
     ):
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0].split(": ", 1)[-1])
         module.add_arguments(sub)

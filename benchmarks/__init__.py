@@ -1,0 +1,1 @@
+"""Benchmarks: measurements built on fqa's trainer and cluster layer."""
