@@ -1,1 +1,1 @@
-"""Benchmarks: measurements built on fqa's trainer and cluster layer."""
+"""Benchmarks: each module measures one claim and writes <name>.json and <name>.png."""

@@ -354,7 +354,7 @@ def run_one(
 # ---------------------------------------------------------------------------- the bench
 
 
-def run_fewshot_bench(args) -> dict[str, Any]:
+def run(args) -> dict[str, Any]:
     from fqa.config import load_config, with_overrides
 
     torch.set_num_threads(1)  # the machine is shared; runs are sequential

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         ("variance", bench_variance, bench_variance.run_variance_bench),
         ("accuracy", bench_accuracy, bench_accuracy.run_accuracy_bench),
         ("throughput", bench_throughput, bench_throughput.run_throughput_bench),
-        ("fewshot", fewshot, fewshot.run_fewshot_bench),
+        ("fewshot", fewshot, fewshot.run),
     ):
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0].split(": ", 1)[-1])
         module.add_arguments(sub)
