@@ -30,7 +30,7 @@ from cluster.runtime import ClusterResourceError, connect, require_resources
 from cluster.worker import remote_worker_class
 from fqa.config import Config
 from fqa.estimators import Shard, ShardResult, Update
-from fqa.setup import configured_estimator
+from fqa.setup import check_data, configured_estimator
 from fqa.stats import DatapointStats
 from fqa.step import UpdateOutcome
 from fqa.trainer import Trainer
@@ -86,6 +86,7 @@ class RayWorkerPool:
     def __init__(self, config: Config) -> None:
         self.config = config
         cc = config.cluster
+        check_data(config)  # bad data fails here, before Ray starts
         self._owns_ray = connect()
         self.workers: list[ray.actor.ActorHandle] = []
         try:

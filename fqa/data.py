@@ -494,15 +494,21 @@ def load_image_dataset(
     )
 
 
-def load_splits(data_dir: str | Path, **kwargs) -> dict[str, ImageDataset]:
-    """Load train/validation/test.parquet from a prepared directory (a path or a URI);
-    ids must not overlap."""
+def check_splits(data_dir: str | Path) -> None:
+    """The prepared directory holds every split file (nothing is read)."""
     data_dir = location(data_dir)
     missing = [s for s in SPLITS if not (data_dir / f"{s}.parquet").exists()]
     if missing:
         raise _fail(
             data_dir, f"missing split files {[f'{s}.parquet' for s in missing]}", PREPARE_HINT
         )
+
+
+def load_splits(data_dir: str | Path, **kwargs) -> dict[str, ImageDataset]:
+    """Load train/validation/test.parquet from a prepared directory (a path or a URI);
+    ids must not overlap."""
+    check_splits(data_dir)
+    data_dir = location(data_dir)
     splits = {s: load_image_dataset(data_dir / f"{s}.parquet", **kwargs) for s in SPLITS}
     all_ids = np.concatenate([d.ids.numpy() for d in splits.values()])
     uniq, counts = np.unique(all_ids, return_counts=True)

@@ -14,7 +14,7 @@ import torch
 
 from fqa.allocators import create_allocator
 from fqa.config import Config
-from fqa.data import ImageDataset, ensure_digits, load_splits
+from fqa.data import ImageDataset, check_splits, ensure_digits, load_splits
 from fqa.estimators import Estimator, create_estimator
 from fqa.seeding import derive_seed
 from fqa.tasks import create_task
@@ -32,6 +32,15 @@ def load_data(config: Config) -> tuple[dict[str, ImageDataset], int]:
         splits = {k: v.filter_labels(config.data.classes, relabel=True) for k, v in splits.items()}
     num_classes = splits["train"].num_classes or int(splits["train"].labels.max()) + 1
     return splits, num_classes
+
+
+def check_data(config: Config) -> None:
+    """Fail on missing data before any worker starts (the bundled digits are prepared
+    here, once, rather than by every worker at the same time); reads no rows."""
+    if config.data.dataset == "digits":
+        ensure_digits(config.data.dir)
+    else:
+        check_splits(config.data.dir)
 
 
 def build_task(config: Config):
