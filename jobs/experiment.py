@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fqa.backprop import train_backprop, with_pretrained
 from fqa.config import Config, with_overrides
 from fqa.plots import plot_runs, read_metrics
@@ -21,6 +23,10 @@ def run_experiment(
     """``trainer_factory`` builds the main run's trainer (the cluster layer passes its
     ``ClusterTrainer``); the comparison runs always use the single-process ``Trainer``."""
     progress = config.train.progress
+    # Every run here computes with a worker's thread count, whatever this machine has:
+    # float sums depend on how a matmul is split across threads, so the printed table
+    # is the same on 1, 2 or 8 cores (and the cluster's workers agree with it).
+    torch.set_num_threads(max(1, int(config.cluster.cpus_per_worker)))
     config = with_pretrained(config)
 
     trainer = trainer_factory(config)
