@@ -135,7 +135,9 @@ def run(args) -> dict[str, Any]:
     jobs.sort(key=lambda j: j["estimator"] != "lr")  # slowest first: the pool ends together
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         runs = list(
-            progress(pool.map(_run, jobs), len(jobs), "accuracy runs", enabled=not args.quick, every=4)
+            progress(
+                pool.map(_run, jobs), len(jobs), "accuracy runs", enabled=not args.quick, every=4
+            )
         )
     table = [row for regime in regimes for row in regime_table(regime, runs)]
     report = {
@@ -227,13 +229,19 @@ def _plot(report: dict, path: Path) -> None:
         for (estimator, allocator, q), group in sorted(groups.items()):
             queries, acc = mean_curve(group)
             # the spread over seeds (standard deviation); none with a single seed
-            spread = np.std([r["test_accuracy"] for r in group], axis=0, ddof=1) if len(group) > 1 else None
+            spread = (
+                np.std([r["test_accuracy"] for r in group], axis=0, ddof=1)
+                if len(group) > 1
+                else None
+            )
             style = "k-" if estimator == "backprop" else ("-" if allocator == "uniform" else "--")
             ax.errorbar(queries, acc, yerr=spread, fmt=style, marker="o", ms=2.5, capsize=2,
                         label=_label(estimator, allocator, q))  # fmt: skip
         ax.set_ylim(0.0, 1.0)
         ax.set(
-            title=f"{regime}: mean ± sd of {report['seeds']} seeds",
+            title=f"{regime}: mean ± sd of {report['seeds']} seeds"
+            if report["seeds"] > 1
+            else f"{regime}: one seed (no spread)",
             xlabel="queries consumed (backprop: forward equivalents)",
             ylabel="test accuracy",
         )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from benchmarks.accuracy import method_grid
+from benchmarks.accuracy import EVALUATIONS, method_grid
 from jobs.bench import main
 from tests.conftest import TINY_VIT
 
@@ -72,10 +72,16 @@ def test_accuracy_quick(tmp_path, digits_dir, capsys):
     assert set(report["regimes"]) == {"last_block", "full"}
     assert len(report["runs"]) == 2 * report["seeds"] * len(method_grid())
     for run in report["runs"]:
-        assert 0 <= min(run["test_accuracy"]) <= max(run["test_accuracy"]) <= 1
-        assert run["queries"] == sorted(run["queries"]) and run["queries"][-1] <= budget
         per_step = batch * (3 if run["estimator"] == "backprop" else 1 + run["q"])
         assert run["steps"] == budget // per_step  # fewer queries per datapoint buy more steps
+        # every method, the reference included, is charged exactly its per-step cost at
+        # each of the evenly spaced evaluations (the equal-budget comparison rests on it)
+        steps = run["steps"]
+        eval_at = sorted(
+            {max(1, round(steps * k / EVALUATIONS)) for k in range(1, EVALUATIONS + 1)}
+        )
+        assert run["queries"] == [s * per_step for s in eval_at]
+        assert len(run["test_accuracy"]) == len(eval_at)
     table = report["table"]
     methods = {row["method"] for row in table if row["regime"] == "full"}
     assert {
@@ -106,9 +112,11 @@ def test_throughput_quick(tmp_path, digits_dir, capsys):
     report = json.loads((out / "throughput.json").read_text())
     assert [r["rows"] for r in report["results"]] == [16, 64]
     for result in report["results"]:
-        assert all(v > 0 for v in result["per_second_median"].values())
-        assert all(v > 0 for v in result["fraction_of_forward"].values())
+        assert set(result["fraction_of_forward"]) == {"spsa", "lr"}  # ratios: no timing asserted
         memory = result["peak_bytes"]
+        # lr estimates only Linear weights and freezes the rest (norms, embeddings): with
+        # full fine-tuning it trains strictly fewer parameters than spsa
+        assert memory["lr_trainable_parameters"] < memory["spsa_trainable_parameters"]
         assert all(
             memory[k] > 0 for k in ("forward", "spsa_queries", "lr_queries", "lr_backprop_step")
         )
@@ -149,7 +157,21 @@ def test_scaling_quick_through_the_dispatcher(ray_cluster, tiny_config, tmp_path
     )
     assert ray.is_initialized()  # it joined the session's instance and left it running
     result = json.loads((out / "scaling.json").read_text())
-    assert result["speedup_2v1"] > 0 and result["worker_efficiency"] > 0
-    assert set(result["projected_step_seconds"]) >= {"8", "16", "32", "64"}
+    # the same job on 1 and 2 workers spends the same queries: batch x (pre-pass + q)
+    assert result["one_worker"]["queries_per_step"] == result["two_workers"]["queries_per_step"]
+    assert result["one_worker"]["queries_per_step"] == 32 * (1 + 4)
+    assert result["speedup_2v1"] == pytest.approx(
+        result["one_worker"]["step_seconds"] / result["two_workers"]["step_seconds"]
+    )
+    worker = result["worker"]
+    assert result["worker_efficiency"] == pytest.approx(
+        worker["spsa_queries_per_s"] / worker["forward_rows_per_s"]
+    )
+    # the projection is T(W) = o + Q·c/W: it falls with W towards the overhead o
+    projected = {int(w): t for w, t in result["projected_step_seconds"].items()}
+    assert set(projected) == {1, 2, 8, 16, 32, 64}
+    queries, per_query = result["one_worker"]["queries_per_step"], worker["seconds_per_query"]
+    for w, seconds in projected.items():
+        assert seconds == pytest.approx(result["per_step_overhead_s"] + queries * per_query / w)
     assert (out / "scaling.png").is_file()
     assert "speedup 2 workers vs 1" in capsys.readouterr().out

@@ -63,15 +63,33 @@ def _config(tiny_config, estimator: str, name: str, **sections):
     )
 
 
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The single-process reference run, trained once per estimator for the whole module
+    (every comparison below uses the same 4-step config)."""
+    out = tmp_path_factory.mktemp("reference")
+    runs: dict[str, Trainer] = {}
+
+    def run(tiny_config, estimator: str) -> Trainer:
+        if estimator not in runs:
+            config = _config(tiny_config, estimator, "reference")
+            runs[estimator] = Trainer(with_overrides(config, {"run.out_dir": str(out / estimator)}))
+            runs[estimator].fit()
+        return runs[estimator]
+
+    return run
+
+
 # spsa: the reference trainer's own perturb/restore leaves float round-off in θ (the
 # workers restore exact bytes), so the two paths agree to round-off, not bit for bit.
 _TOLERANCE = {"lr": {"rtol": 1e-6, "atol": 1e-7}, "spsa": {"rtol": 1e-4, "atol": 1e-5}}
 
 
 @pytest.mark.parametrize("estimator", ["lr", "spsa"])
-def test_two_workers_match_the_single_process_trainer(ray_cluster, tiny_config, estimator):
-    reference = Trainer(_config(tiny_config, estimator, "reference"))
-    reference.fit()
+def test_two_workers_match_the_single_process_trainer(
+    ray_cluster, tiny_config, single_process, estimator
+):
+    reference = single_process(tiny_config, estimator)
     cluster = _cluster(_config(tiny_config, estimator, "cluster"))
     cluster.fit()
 
@@ -119,9 +137,8 @@ def test_spsa_bytes_per_step_do_not_grow_with_the_model(ray_cluster, tiny_config
     assert small_bytes / samples < 100  # (id, p) scalars plus a per-shard constant
 
 
-def test_a_worker_killed_mid_step_loses_no_query(ray_cluster, tiny_config):
-    reference = Trainer(_config(tiny_config, "lr", "reference"))
-    reference.fit()
+def test_a_worker_killed_mid_step_loses_no_query(ray_cluster, tiny_config, single_process):
+    reference = single_process(tiny_config, "lr")
     cluster = _cluster(_config(tiny_config, "lr", "faulty"))
 
     def kill_worker_zero(pool, step: int) -> None:
@@ -136,9 +153,8 @@ def test_a_worker_killed_mid_step_loses_no_query(ray_cluster, tiny_config):
     _replicas_agree(cluster)
 
 
-def test_a_rerun_driver_resumes_to_the_same_parameters(ray_cluster, tiny_config):
-    reference = Trainer(_config(tiny_config, "spsa", "reference"))
-    reference.fit()
+def test_a_rerun_driver_resumes_to_the_same_parameters(ray_cluster, tiny_config, single_process):
+    reference = single_process(tiny_config, "spsa")
     interrupted = _config(tiny_config, "spsa", "resumed", train={"steps": 2})
     ClusterTrainer(interrupted).fit()  # the driver "dies" after the step-2 checkpoint
     resumed = _cluster(with_overrides(interrupted, {"train.steps": 4}))
@@ -190,11 +206,12 @@ def _final_state(trainer: Trainer) -> dict:
 
 
 @pytest.mark.parametrize("wait", [False, True], ids=["restarting", "restarted"])
-def test_a_lost_allocator_actor_is_restored_from_the_checkpoint(ray_cluster, tiny_config, wait):
+def test_a_lost_allocator_actor_is_restored_from_the_checkpoint(
+    ray_cluster, tiny_config, single_process, wait
+):
     """Killed after the step-2 checkpoint, with step 2 learned since: the restored actor
     (checkpoint statistics + the learn calls since) is exactly the lost one."""
-    reference = Trainer(_config(tiny_config, "spsa", "reference"))
-    reference.fit()
+    reference = single_process(tiny_config, "spsa")
     cluster = _cluster(_config(tiny_config, "spsa", "allocator-lost"))
 
     def kill_allocator(pool, step: int) -> None:
@@ -225,12 +242,11 @@ def test_a_lost_allocator_actor_is_restored_from_the_checkpoint(ray_cluster, tin
 
 
 def test_a_restarted_worker_rebuilds_from_the_checkpoint_and_the_update_log(
-    ray_cluster, tiny_config
+    ray_cluster, tiny_config, single_process
 ):
     """Killed at step 3: the step-2 checkpoint plus step 2's seeded update (per-query
     scalars) rebuild a replica bit-identical to the other's, without a resync."""
-    reference = Trainer(_config(tiny_config, "spsa", "reference"))
-    reference.fit()
+    reference = single_process(tiny_config, "spsa")
     cluster = _cluster(_config(tiny_config, "spsa", "rebuilt"))
 
     resyncs = []  # worker-to-worker resyncs after the kill (the fallback path)

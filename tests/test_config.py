@@ -70,7 +70,7 @@ def test_load_config_errors(tmp_path):
         load_config(listy)
 
 
-SHIPPED = sorted(Path("jobs/configs").glob("*.yaml"))
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
 
 
 def test_every_shipped_config_is_tested():

@@ -127,14 +127,6 @@ def test_total_queries_buys_equal_cost_across_budgets(digits_dir, tmp_path):
     assert steps[2] / steps[4] == pytest.approx(5 / 3, rel=0.02)
 
 
-def test_the_shipped_sweep_configs_load(tmp_path):
-    paths = sorted((REPO / "jobs" / "configs").glob("sweep_*.yaml"))
-    assert paths
-    for path in paths:
-        sweep, base = load_sweep(path)
-        assert len(sweep.space) >= 1 and base.train.batch_size >= 1
-
-
 # ---- on the session's Ray instance ------------------------------------------------------
 ray = pytest.importorskip("ray")
 
@@ -180,7 +172,13 @@ def test_a_small_sweep_runs_ranks_and_writes_its_outputs(ray_cluster, digits_dir
     assert set(zip(table["allocator"], table["queries_per_datapoint"], strict=True)) == {
         (a, q) for a in ("uniform", "gaussian") for q in (2, 4)
     }
-    assert table["best_val_accuracy"].between(0, 1).all() and (table["wall_s"] > 0).all()
+    # the table's best validation accuracy (from each run's metrics.jsonl) is what the
+    # trial reported to Tune, an independent record of the same evaluations
+    reported = {Path(r.path).name: r.metrics_dataframe["val_accuracy"].max() for r in results}
+    assert dict(zip(table["trial_id"], table["best_val_accuracy"], strict=True)) == pytest.approx(
+        reported
+    )
+    assert table["wall_s"].notna().all()
     assert summary["best_val_accuracy"] == table["best_val_accuracy"].max()
     for name in ("curves.png", "best.png", "ranking.md"):
         assert (sweep_dir / name).stat().st_size > 0
@@ -293,6 +291,11 @@ def test_a_killed_sweep_driver_is_resumed_and_every_trial_completes_once(
     resumed = _sweep_process(path, _join_env(ray_cluster), "--resume")
     output = resumed.communicate(timeout=540)[0]
     assert resumed.returncode == 0, output[-3000:]
+    # a person reading the log: the JSON summary is the very last line, and Tune's own
+    # status table (whose "current best" disagrees with the ranking) is not in it
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["trials"] == 2 and summary["status"] == {"TERMINATED": 2}
+    assert "Current best trial" not in output
     table = pd.read_csv(tmp_path / "sweeps" / "tiny" / "results.csv")
     assert sorted(table["allocator"]) == ["gaussian", "uniform"]
     assert list(table["status"]) == ["TERMINATED"] * 2
