@@ -49,8 +49,9 @@ class QueryWorker:
         self.optimizer = build_optimizer(self.config, self.params)
         self.updater = ReplicaUpdater(self.config, self.task, self.estimator, self.optimizer)
         # idempotency key of the updates: a replayed or retried apply() for a step this
-        # replica already holds is ignored (None: unknown, accept the next one)
-        self.applied_step: int | None = None
+        # replica already holds is ignored; -1 is the config's initial replica (which a
+        # restarted actor also reports, so the driver can tell it was restarted)
+        self.applied_step = -1
         self.outcome: UpdateOutcome | None = None  # of the last update applied
 
     def ready(self) -> bool:
@@ -85,7 +86,6 @@ class QueryWorker:
         broadcast them). Returns the checksum and the last update's outcome."""
         if checkpoint is None:
             self._build()
-            self.applied_step = -1
         else:
             data = load_checkpoint(Path(checkpoint))
             self.task.model.load_state_dict(data.model)
@@ -104,7 +104,7 @@ class QueryWorker:
         return self.estimator.evaluate_exactly(self.task, writable)
 
     def apply(self, step: int, update: Update, prepass_nonfinite: int) -> UpdateOutcome | None:
-        if self.applied_step is not None and step <= self.applied_step:
+        if step <= self.applied_step:
             self.duplicates += 1  # a retried or replayed delivery: already in the replica
             return None
         self.applied_step = step
@@ -121,7 +121,7 @@ class QueryWorker:
         self, directory: str, step: int, stats: DatapointStats, state: dict[str, Any]
     ) -> str:
         """Rank 0's checkpoint of its replica, in fqa.checkpoint's atomic format."""
-        if self.applied_step is not None and self.applied_step != step - 1:
+        if self.applied_step != step - 1:
             raise RuntimeError(
                 f"checkpoint of step {step} asked of a replica at step {self.applied_step + 1}"
             )
@@ -130,6 +130,10 @@ class QueryWorker:
 
     def checksum(self) -> str:
         return parameter_checksum(self.params)
+
+    def replica(self) -> tuple[int, str]:
+        """(the last step applied, the checksum): which state this replica holds."""
+        return self.applied_step, self.checksum()
 
     def parameters(self) -> torch.Tensor:
         """The trainable parameters flattened on the host (tests and checks only)."""
