@@ -27,7 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from cluster.allocator_actor import RemotePlanner, actor_is_dead
 from cluster.dispatch import evaluate_on_workers
 from cluster.runtime import ClusterResourceError, connect, require_resources
-from cluster.worker import remote_worker_class
+from cluster.worker import ReplicaBehind, remote_worker_class
 from fqa.config import Config
 from fqa.estimators import Shard, ShardResult, Update
 from fqa.setup import configured_estimator
@@ -142,7 +142,7 @@ class RayWorkerPool:
         while True:  # on one worker, rotating; retried on another if it dies
             live = self._live()
             index = live[step % len(live)]
-            prepass = self._get(index, self.workers[index].prepass.remote(ids))
+            prepass = self._get(index, self.workers[index].prepass.remote(ids, step))
             if prepass is not None:
                 return prepass
 
@@ -180,7 +180,8 @@ class RayWorkerPool:
     def evaluate_split(self, split: str) -> dict[str, float]:
         while True:  # on rank 0, the first live worker
             index = self._live()[0]
-            metrics = self._get(index, self.workers[index].evaluate_split.remote(split))
+            call = self.workers[index].evaluate_split.remote(split, self.applied_step + 1)
+            metrics = self._get(index, call)
             if metrics is not None:
                 return metrics
 
@@ -398,7 +399,7 @@ class RayWorkerPool:
             return ray.get(ref, timeout=limit)
         except GetTimeoutError:
             self._hung(index, f"no answer within {limit:g}s")
-        except RayActorError:
+        except (RayActorError, ReplicaBehind):
             self._lost(index)
         return None
 

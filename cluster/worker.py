@@ -26,6 +26,11 @@ from fqa.stats import DatapointStats
 from fqa.step import ReplicaUpdater, UpdateOutcome
 
 
+class ReplicaBehind(RuntimeError):
+    """Work for a step this replica has not reached: Ray restarted it unnoticed (its
+    fresh instance holds the config's initial state); the driver rebuilds it."""
+
+
 def parameter_checksum(params: list[torch.Tensor]) -> str:
     """sha256 of the trainable parameters' bytes: replicas agree iff bit-identical."""
     digest = hashlib.sha256()
@@ -96,10 +101,18 @@ class QueryWorker:
             self.apply(step, update, prepass_nonfinite)
         return self.checksum(), self.outcome
 
-    def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def _at(self, step: int) -> None:
+        if self.applied_step != step - 1:
+            raise ReplicaBehind(
+                f"step {step} asked of a replica that holds step {self.applied_step + 1}"
+            )
+
+    def prepass(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
+        self._at(step)
         return self.task.prepass(np.array(ids))  # a writable copy of the object-store array
 
-    def evaluate(self, shard: Shard) -> ShardResult:
+    def evaluate(self, shard: Shard, step: int) -> ShardResult:
+        self._at(step)
         writable = dataclasses.replace(shard, ids=np.array(shard.ids))  # see prepass
         return self.estimator.evaluate_exactly(self.task, writable)
 
@@ -107,6 +120,7 @@ class QueryWorker:
         if step <= self.applied_step:
             self.duplicates += 1  # a retried or replayed delivery: already in the replica
             return None
+        self._at(step)  # updates are applied in order, each once
         self.applied_step = step
         self.outcome = self.updater.apply(step, update, prepass_nonfinite)
         return self.outcome
@@ -114,17 +128,15 @@ class QueryWorker:
     def last_outcome(self) -> UpdateOutcome | None:
         return self.outcome
 
-    def evaluate_split(self, split: str) -> dict[str, float]:
+    def evaluate_split(self, split: str, step: int) -> dict[str, float]:
+        self._at(step)
         return self.task.evaluate(split)
 
     def save_checkpoint(
         self, directory: str, step: int, stats: DatapointStats, state: dict[str, Any]
     ) -> str:
         """Rank 0's checkpoint of its replica, in fqa.checkpoint's atomic format."""
-        if self.applied_step != step - 1:
-            raise RuntimeError(
-                f"checkpoint of step {step} asked of a replica at step {self.applied_step + 1}"
-            )
+        self._at(step)
         path = save_checkpoint(Path(directory), step, self.task.model, self.optimizer, stats, state)
         return str(path)
 
