@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import ray
 from ray.exceptions import RayActorError
 
+from cluster.worker import ReplicaBehind
 from fqa.estimators import ShardResult
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def evaluate_on_workers(pool: RayWorkerPool, step: int, shards: list[Shard]) -> 
                 shard = pending.popleft()
                 if ledger.has(shard):
                     continue
-                ref = pool.workers[index].evaluate.remote(shards[shard])
+                ref = pool.workers[index].evaluate.remote(shards[shard], step)
                 in_flight[ref] = (shard, index, pool.generation[index], time.monotonic())
                 load[index] += 1
         if not hooked:
@@ -88,7 +89,7 @@ def evaluate_on_workers(pool: RayWorkerPool, step: int, shards: list[Shard]) -> 
         shard, index, generation, _ = in_flight.pop(done[0])
         try:
             result = ray.get(done[0])
-        except RayActorError:
+        except (RayActorError, ReplicaBehind):
             pool._lost(index, generation)
             waiting = shard in pending or any(s == shard for s, *_ in in_flight.values())
             if not ledger.has(shard) and not waiting:

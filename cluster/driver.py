@@ -27,7 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from cluster.allocator_actor import RemotePlanner, actor_is_dead
 from cluster.dispatch import evaluate_on_workers
 from cluster.runtime import ClusterResourceError, connect, require_resources
-from cluster.worker import remote_worker_class
+from cluster.worker import ReplicaBehind, remote_worker_class
 from fqa.config import Config
 from fqa.estimators import Shard, ShardResult, Update
 from fqa.setup import check_data, configured_estimator
@@ -143,7 +143,7 @@ class RayWorkerPool:
         while True:  # on one worker, rotating; retried on another if it dies
             live = self._live()
             index = live[step % len(live)]
-            prepass = self._get(index, self.workers[index].prepass.remote(ids))
+            prepass = self._get(index, self.workers[index].prepass.remote(ids, step))
             if prepass is not None:
                 return prepass
 
@@ -181,7 +181,8 @@ class RayWorkerPool:
     def evaluate_split(self, split: str) -> dict[str, float]:
         while True:  # on rank 0, the first live worker
             index = self._live()[0]
-            metrics = self._get(index, self.workers[index].evaluate_split.remote(split))
+            call = self.workers[index].evaluate_split.remote(split, self.applied_step + 1)
+            metrics = self._get(index, call)
             if metrics is not None:
                 return metrics
 
@@ -238,9 +239,7 @@ class RayWorkerPool:
     def verify_replicas(self) -> list[str]:
         """Compare the workers' parameter checksums; resync any that differ from the
         majority (ties: the lowest rank) from a worker that agrees with it."""
-        live = self._live()
-        refs = {i: self.workers[i].checksum.remote() for i in live}
-        sums = {i: value for i, ref in refs.items() if (value := self._get(i, ref)) is not None}
+        sums = self._replicas(self._live())
         if sums:
             counts = Counter(sums.values())
             first = {value: min(i for i in sums if sums[i] == value) for value in counts}
@@ -261,9 +260,25 @@ class RayWorkerPool:
     def _align(self) -> None:
         """Workers built from one config start bit-identical; any that does not (e.g. a
         nondeterministic initialiser) takes rank 0's replica."""
-        sums = ray.get([w.checksum.remote() for w in self.workers])
-        self.dirty |= {i for i, value in enumerate(sums) if value != sums[0]}
+        sums = self._replicas(range(len(self.workers)))
+        self.dirty |= {i for i, value in sums.items() if value != sums[min(sums)]}
         self._live()
+
+    def _replicas(self, indices) -> dict[int, str]:
+        """The checksums of the workers among ``indices`` that hold every update so far;
+        one that answers from another step was restarted unnoticed: it is marked lost."""
+        refs = {i: self.workers[i].replica.remote() for i in indices}
+        sums = {}
+        for index, ref in refs.items():
+            value = self._get(index, ref)
+            if value is None:
+                continue
+            step, checksum = value
+            if step != self.applied_step:
+                self._lost(index)
+                continue
+            sums[index] = checksum
+        return sums
 
     def _await_workers(self) -> None:
         refs = [w.ready.remote() for w in self.workers]
@@ -284,30 +299,38 @@ class RayWorkerPool:
         """Workers able to take work now. A restarted one is first rebuilt from the last
         checkpoint plus the updates since; when the log was dropped, or the rebuild
         fails, it is resynced from a healthy worker (as is one whose checksum differed)."""
-        for index in sorted(self.lost - self.dead):
-            if self.log_complete and self._rebuild(index):
-                continue
-            if actor_is_dead(self.workers[index]):
-                log.warning("worker %d is gone for good; continuing without it", index)
-                self.dead.add(index)
-            else:
-                self.dirty.add(index)
-        self.lost.clear()
-        if self.dirty - self.dead:
-            healthy = [i for i in self._alive() if i not in self.dirty]
-            if not healthy and self._alive():
-                raise ClusterError(
-                    "no worker holds a valid replica to resync from (every replica was lost "
-                    "after the update log outgrew its cap); rerun the job to resume from the "
-                    "checkpoint"
-                )
-            if healthy:
-                state = self.workers[healthy[0]].state.remote()  # worker to worker
-                for index in sorted(self.dirty - self.dead):
-                    if not self._resync(index, state):
-                        log.warning("worker %d is gone for good; continuing without it", index)
-                        self.dead.add(index)
+        while True:
+            while self.lost - self.dead:  # a rebuild may find another worker restarted
+                index = min(self.lost - self.dead)
+                self.lost.discard(index)
+                if self.log_complete and self._rebuild(index):
+                    continue
+                if actor_is_dead(self.workers[index]):
+                    log.warning("worker %d is gone for good; continuing without it", index)
+                    self.dead.add(index)
+                else:
+                    self.dirty.add(index)
+            dirty = sorted(self.dirty - self.dead)
+            if not dirty:
+                break
+            healthy = list(self._replicas([i for i in self._alive() if i not in self.dirty]))
+            if self.lost - self.dead:
+                continue  # restarted workers found: rebuild them first
+            if not healthy:
+                if self._alive():
+                    raise ClusterError(
+                        "no worker holds a valid replica to resync from (every replica was "
+                        "lost after the update log outgrew its cap); rerun the job to resume "
+                        "from the checkpoint"
+                    )
+                break
+            state = self.workers[healthy[0]].state.remote()  # worker to worker
+            for index in dirty:
+                if not self._resync(index, state):
+                    log.warning("worker %d is gone for good; continuing without it", index)
+                    self.dead.add(index)
             self.dirty.clear()
+            break
         live = self._alive()
         if not live:
             raise ClusterError("every worker died; rerun the job to resume from the checkpoint")
@@ -335,14 +358,13 @@ class RayWorkerPool:
         )
         if not done:
             return False
-        healthy = [i for i in self._alive() if i not in self.lost and i not in self.dirty]
-        if healthy:
-            expected = self._get(healthy[0], self.workers[healthy[0]].checksum.remote())
-            if expected is not None and value[0] != expected:
-                log.warning(
-                    "worker %d rebuilt from %s differs from worker %d", index, checkpoint, healthy[0]
-                )
-                return False
+        others = [i for i in self._alive() if i not in self.lost | self.dirty | {index}]
+        sums = self._replicas(others)  # their restarts, if any, are found here
+        if sums and value[0] != sums[min(sums)]:
+            log.warning(
+                "worker %d rebuilt from %s differs from worker %d", index, checkpoint, min(sums)
+            )
+            return False
         self.rebuilt += 1
         self.generation[index] += 1
         log.info("worker %d rebuilt from %s + %d updates", index, checkpoint, len(self.updates))
@@ -378,7 +400,7 @@ class RayWorkerPool:
             return ray.get(ref, timeout=limit)
         except GetTimeoutError:
             self._hung(index, f"no answer within {limit:g}s")
-        except RayActorError:
+        except (RayActorError, ReplicaBehind):
             self._lost(index)
         return None
 

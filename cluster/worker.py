@@ -26,6 +26,11 @@ from fqa.stats import DatapointStats
 from fqa.step import ReplicaUpdater, UpdateOutcome
 
 
+class ReplicaBehind(RuntimeError):
+    """Work for a step this replica has not reached: Ray restarted it unnoticed (its
+    fresh instance holds the config's initial state); the driver rebuilds it."""
+
+
 def parameter_checksum(params: list[torch.Tensor]) -> str:
     """sha256 of the trainable parameters' bytes: replicas agree iff bit-identical."""
     digest = hashlib.sha256()
@@ -49,8 +54,9 @@ class QueryWorker:
         self.optimizer = build_optimizer(self.config, self.params)
         self.updater = ReplicaUpdater(self.config, self.task, self.estimator, self.optimizer)
         # idempotency key of the updates: a replayed or retried apply() for a step this
-        # replica already holds is ignored (None: unknown, accept the next one)
-        self.applied_step: int | None = None
+        # replica already holds is ignored; -1 is the config's initial replica (which a
+        # restarted actor also reports, so the driver can tell it was restarted)
+        self.applied_step = -1
         self.outcome: UpdateOutcome | None = None  # of the last update applied
 
     def ready(self) -> bool:
@@ -85,7 +91,6 @@ class QueryWorker:
         broadcast them). Returns the checksum and the last update's outcome."""
         if checkpoint is None:
             self._build()
-            self.applied_step = -1
         else:
             data = load_checkpoint(Path(checkpoint))
             self.task.model.load_state_dict(data.model)
@@ -96,17 +101,26 @@ class QueryWorker:
             self.apply(step, update, prepass_nonfinite)
         return self.checksum(), self.outcome
 
-    def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def _at(self, step: int) -> None:
+        if self.applied_step != step - 1:
+            raise ReplicaBehind(
+                f"step {step} asked of a replica that holds step {self.applied_step + 1}"
+            )
+
+    def prepass(self, ids: np.ndarray, step: int) -> dict[str, np.ndarray]:
+        self._at(step)
         return self.task.prepass(np.array(ids))  # a writable copy of the object-store array
 
-    def evaluate(self, shard: Shard) -> ShardResult:
+    def evaluate(self, shard: Shard, step: int) -> ShardResult:
+        self._at(step)
         writable = dataclasses.replace(shard, ids=np.array(shard.ids))  # see prepass
         return self.estimator.evaluate_exactly(self.task, writable)
 
     def apply(self, step: int, update: Update, prepass_nonfinite: int) -> UpdateOutcome | None:
-        if self.applied_step is not None and step <= self.applied_step:
+        if step <= self.applied_step:
             self.duplicates += 1  # a retried or replayed delivery: already in the replica
             return None
+        self._at(step)  # updates are applied in order, each once
         self.applied_step = step
         self.outcome = self.updater.apply(step, update, prepass_nonfinite)
         return self.outcome
@@ -114,22 +128,24 @@ class QueryWorker:
     def last_outcome(self) -> UpdateOutcome | None:
         return self.outcome
 
-    def evaluate_split(self, split: str) -> dict[str, float]:
+    def evaluate_split(self, split: str, step: int) -> dict[str, float]:
+        self._at(step)
         return self.task.evaluate(split)
 
     def save_checkpoint(
         self, directory: str, step: int, stats: DatapointStats, state: dict[str, Any]
     ) -> str:
         """Rank 0's checkpoint of its replica, in fqa.checkpoint's atomic format."""
-        if self.applied_step is not None and self.applied_step != step - 1:
-            raise RuntimeError(
-                f"checkpoint of step {step} asked of a replica at step {self.applied_step + 1}"
-            )
+        self._at(step)
         path = save_checkpoint(Path(directory), step, self.task.model, self.optimizer, stats, state)
         return str(path)
 
     def checksum(self) -> str:
         return parameter_checksum(self.params)
+
+    def replica(self) -> tuple[int, str]:
+        """(the last step applied, the checksum): which state this replica holds."""
+        return self.applied_step, self.checksum()
 
     def parameters(self) -> torch.Tensor:
         """The trainable parameters flattened on the host (tests and checks only)."""

@@ -137,6 +137,50 @@ def test_spsa_bytes_per_step_do_not_grow_with_the_model(ray_cluster, tiny_config
     assert small_bytes / samples < 100  # (id, p) scalars plus a per-shard constant
 
 
+def _model_state_reachable(root, depth: int = 6) -> list[str]:
+    """Paths to modules, or tensors of more than 64 elements, reachable from ``root``
+    through attributes and containers."""
+    found, seen, frontier = [], set(), [("trainer", root)]
+    for _ in range(depth):
+        following = []
+        for path, value in frontier:
+            if id(value) in seen or isinstance(value, (str, bytes, type)):
+                continue
+            seen.add(id(value))
+            if isinstance(value, torch.nn.Module) or (
+                isinstance(value, torch.Tensor) and value.numel() > 64
+            ):
+                found.append(path)
+                continue
+            if isinstance(value, dict):
+                following += [(f"{path}[{k!r}]", v) for k, v in value.items()]
+            elif isinstance(value, (list, tuple, set)):
+                following += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+            elif hasattr(value, "__dict__") and not isinstance(value, ray.actor.ActorHandle):
+                following += [(f"{path}.{k}", v) for k, v in vars(value).items()]
+        frontier = following
+    return found
+
+
+def test_the_driver_holds_no_model(ray_cluster, tiny_config):
+    """Mid-run, nothing the driver's trainer reaches is a model or a parameter-sized
+    tensor; evaluation and checkpoints still happen (on rank 0)."""
+    cluster = ClusterTrainer(_config(tiny_config, "spsa", "no-model", train={"steps": 2}))
+    reached = {}
+
+    def look(pool, step: int) -> None:
+        if step == 1:
+            reached["mid-run"] = _model_state_reachable(cluster)
+
+    cluster.executor.fault_hook = look
+    with pytest.raises(AttributeError):
+        cluster.task  # noqa: B018 (the in-process replica's accessor)
+    summary = cluster.fit()
+    assert reached == {"mid-run": []}
+    assert "val_accuracy" in _records(cluster)[-1] and summary["test_accuracy"] > 0.2  # above chance (0.1)
+    assert (cluster.run_dir / "checkpoints" / "step-000002" / "manifest.json").is_file()
+
+
 def test_a_worker_killed_mid_step_loses_no_query(ray_cluster, tiny_config, single_process):
     reference = single_process(tiny_config, "lr")
     cluster = _cluster(_config(tiny_config, "lr", "faulty"))

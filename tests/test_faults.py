@@ -176,6 +176,38 @@ def test_two_workers_killed_at_once(ray_cluster, tiny_config):
     _OUTCOMES.append(("both QueryWorkers killed at once", f"{outcome}; both rebuilt"))
 
 
+class _RestartBetweenSteps:
+    """A trainer callback: after step 2, worker 0 is killed and Ray's fresh instance
+    (the config's initial replica) is awaited, so no call of the run ever fails."""
+
+    def on_step(self, trainer, metrics) -> None:
+        if metrics["step"] != 2:
+            return
+        worker = trainer.executor.workers[0]
+        ray.kill(worker, no_restart=False)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                ray.get(worker.ready.remote(), timeout=30)
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                time.sleep(0.5)
+        pytest.fail("Ray did not restart the worker")
+
+
+def test_a_worker_restarted_unnoticed_between_steps(ray_cluster, tiny_config):
+    """Its fresh instance refuses work for a step it has not reached, and is rebuilt
+    rather than trusted (its shards would otherwise run on the initial parameters)."""
+    ref = reference(tiny_config)
+    trainer = ClusterTrainer(_config(tiny_config, "restarted-unnoticed"))
+    trainer.callbacks.append(_RestartBetweenSteps())
+    trainer.fit()
+    _params(trainer)  # every replica bit-identical
+    assert trainer.executor.rebuilt == 1
+    outcome = _nothing_lost(_params(trainer), trainer.queries, trainer.run_dir, ref)
+    _OUTCOMES.append(("QueryWorker restarted unnoticed between steps", f"{outcome}; rebuilt"))
+
+
 def test_the_allocator_actor_killed(ray_cluster, tiny_config):
     ref = reference(tiny_config)
 
