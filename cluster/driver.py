@@ -26,6 +26,7 @@ from cluster.runtime import ClusterResourceError, connect, require_resources
 from cluster.worker import parameter_checksum, remote_worker_class
 from fqa.config import Config
 from fqa.estimators import ShardResult, Update
+from fqa.storage import Remote
 from fqa.trainer import StepPlan, Trainer
 
 log = logging.getLogger(__name__)
@@ -315,7 +316,11 @@ class ClusterTrainer(Trainer):
             return  # Tune gets evaluations and checkpoints: each report is a round trip
         from ray import tune
 
-        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        checkpoint = None
+        if isinstance(checkpoint_dir, Remote):  # already on object storage: Tune copies it
+            checkpoint = tune.Checkpoint(checkpoint_dir.path, filesystem=checkpoint_dir.fs)
+        elif checkpoint_dir:
+            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
         tune.report(_plain(self._pending), checkpoint=checkpoint)
         self._pending = None
 

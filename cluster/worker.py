@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from fqa.config import Config
 from fqa.estimators import Shard, ShardResult, Update
 from fqa.setup import build_estimator, build_optimizer, build_task
 from fqa.step import ReplicaUpdater, UpdateOutcome
+from fqa.storage import location
 
 
 def parameter_checksum(params: list[torch.Tensor]) -> str:
@@ -66,7 +66,7 @@ class QueryWorker:
         """Rebuild after a restart: the checkpoint on the storage path, then the updates
         since (each ``apply``'s arguments, as the driver broadcast them). Returns the
         checksum, which the driver compares with its own replica's."""
-        data = load_checkpoint(Path(checkpoint))
+        data = load_checkpoint(location(checkpoint))
         self.load_state(data.model, data.optimizer, int(data.state["step"]))
         for step, update, prepass_nonfinite in updates:
             self.apply(step, update, prepass_nonfinite)
