@@ -230,3 +230,80 @@ def test_a_two_trial_sweep_with_its_storage_on_s3(digits_dir, s3):
         assert steps == list(range(len(steps))) and steps
         assert json.loads((run_dir / "summary.json").read_text())["run_dir"] == str(run_dir)
         assert latest_checkpoint(run_dir / "checkpoints") is not None
+
+
+# ---- where a submitted Ray job's results go (jobs/train.py) -------------------------
+RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint
+
+
+def test_relative_storage_paths_under_a_ray_job_are_refused(tmp_path, monkeypatch, capsys):
+    from jobs.train import main
+
+    (tmp_path / "c.yaml").write_text("train: {steps: 1}\n")
+    monkeypatch.setenv(RAY_JOB, "{}")
+    monkeypatch.delenv("FQA_STORAGE_ROOT", raising=False)
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for shown in ("run.out_dir='runs'", "data.dir='data/digits'", "pretrain.cache_dir='runs/cache'"):
+        assert shown in err
+    assert "FQA_STORAGE_ROOT" in err and "s3://" in err
+
+
+@pytest.mark.parametrize("root", ["ABS", "s3://bucket/fqa"])
+def test_under_a_ray_job_relative_paths_resolve_under_fqa_storage_root(
+    tmp_path, monkeypatch, caplog, root
+):
+    from fqa.config import ConfigError, parse_config
+    from jobs.train import resolve_job_paths
+
+    root = str(tmp_path / "persist") if root == "ABS" else root
+    config = parse_config({"data": {"dir": "/abs/data"}})
+    assert resolve_job_paths(config) == config  # not a Ray job: unchanged
+    monkeypatch.setenv(RAY_JOB, "{}")
+    monkeypatch.setenv("FQA_STORAGE_ROOT", root)
+    with caplog.at_level(logging.INFO, logger="jobs.train"):
+        resolved = resolve_job_paths(config)
+    assert resolved.run.out_dir == f"{root}/runs"
+    assert resolved.pretrain.cache_dir == f"{root}/runs/cache"
+    assert resolved.data.dir == "/abs/data"  # absolute already: kept
+    assert "run.out_dir='runs' resolved to" in caplog.text
+    monkeypatch.setenv("FQA_STORAGE_ROOT", "relative/root")
+    with pytest.raises(ConfigError, match="FQA_STORAGE_ROOT='relative/root' is relative"):
+        resolve_job_paths(config)
+
+
+def test_missing_dependencies_give_one_line_not_a_second_traceback(
+    tiny_config, tmp_path, monkeypatch, capsys
+):
+    """The cluster's Python cannot import the Ray layer: one line naming the fix."""
+    import sys
+
+    from jobs.train import main
+
+    (tmp_path / "c.yaml").write_text(tiny_config().model_dump_json())
+    monkeypatch.setitem(sys.modules, "cluster.driver", None)  # its import now fails
+    assert main(["--config", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "lacks the project's dependencies" in err
+
+
+def test_a_finished_run_asked_for_fewer_steps_says_so(tiny_config, caplog):
+    Trainer(tiny_config()).fit()
+    shorter = Trainer(tiny_config(train={"steps": 3}))
+    with caplog.at_level(logging.WARNING, logger="fqa.trainer"):
+        summary = shorter.fit()
+    assert summary["steps"] == 6 and "train.steps=3" in summary["note"]
+    assert "already finished 6 steps, more than train.steps=3" in caplog.text
+
+
+def test_resume_or_fresh_start_is_logged(tiny_config, caplog):
+    with caplog.at_level(logging.INFO, logger="fqa.trainer"):
+        trainer = Trainer(tiny_config(train={"steps": 3}))
+    assert "starts fresh" in caplog.text and str(trainer.run_dir) in caplog.text
+    trainer.fit()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fqa.trainer"):
+        Trainer(tiny_config())
+    assert f"resumed {trainer.run_dir}/checkpoints/step-000003 at step 3" in caplog.text
