@@ -307,3 +307,16 @@ def test_resume_or_fresh_start_is_logged(tiny_config, caplog):
     with caplog.at_level(logging.INFO, logger="fqa.trainer"):
         Trainer(tiny_config())
     assert f"resumed {trainer.run_dir}/checkpoints/step-000003 at step 3" in caplog.text
+
+
+def test_fqa_train_with_a_comparison_writes_its_outputs_to_s3(tiny_config, s3):
+    from fqa.experiment import run_experiment
+
+    config = _s3_config(tiny_config, s3, train={"steps": 3}, compare={"allocators": ["neyman"]})
+    result = run_experiment(config)
+    out = location(result["dir"])
+    assert str(out) == f"{s3['prefix']}/runs/t"
+    for name in ("comparison.json", "comparison.txt", "comparison.png"):
+        assert (out / name).is_file(), name
+    assert len(json.loads((out / "comparison.json").read_text())) == 2
+    assert (location(f"{s3['prefix']}/runs/t-neyman") / "summary.json").is_file()
