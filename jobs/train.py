@@ -27,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger("jobs.train")
 
-# the config fields naming storage that must outlive the job
+# the config fields naming storage that must outlive the job (the cache only when used)
 _PERSISTENT_FIELDS = ("run.out_dir", "data.dir", "pretrain.cache_dir")
 
 
@@ -52,7 +52,8 @@ def resolve_job_paths(config):
         )
     data = config.model_dump(mode="json")
     relative = {}
-    for dotted in _PERSISTENT_FIELDS:
+    pretraining = config.pretrain.enabled and not config.model.checkpoint
+    for dotted in _PERSISTENT_FIELDS if pretraining else _PERSISTENT_FIELDS[:2]:
         section, name = dotted.split(".")
         value = data[section][name]
         if "://" not in value and not os.path.isabs(value):

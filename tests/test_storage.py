@@ -239,7 +239,7 @@ RAY_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the e
 def test_relative_storage_paths_under_a_ray_job_are_refused(tmp_path, monkeypatch, capsys):
     from jobs.train import main
 
-    (tmp_path / "c.yaml").write_text("train: {steps: 1}\n")
+    (tmp_path / "c.yaml").write_text("train: {steps: 1}\npretrain: {enabled: true}\n")
     monkeypatch.setenv(RAY_JOB, "{}")
     monkeypatch.delenv("FQA_STORAGE_ROOT", raising=False)
     assert main(["--config", str(tmp_path / "c.yaml")]) == 1
@@ -258,7 +258,7 @@ def test_under_a_ray_job_relative_paths_resolve_under_fqa_storage_root(
     from jobs.train import resolve_job_paths
 
     root = str(tmp_path / "persist") if root == "ABS" else root
-    config = parse_config({"data": {"dir": "/abs/data"}})
+    config = parse_config({"data": {"dir": "/abs/data"}, "pretrain": {"enabled": True}})
     assert resolve_job_paths(config) == config  # not a Ray job: unchanged
     monkeypatch.setenv(RAY_JOB, "{}")
     monkeypatch.setenv("FQA_STORAGE_ROOT", root)
@@ -271,6 +271,9 @@ def test_under_a_ray_job_relative_paths_resolve_under_fqa_storage_root(
     monkeypatch.setenv("FQA_STORAGE_ROOT", "relative/root")
     with pytest.raises(ConfigError, match="FQA_STORAGE_ROOT='relative/root' is relative"):
         resolve_job_paths(config)
+    monkeypatch.setenv("FQA_STORAGE_ROOT", root)
+    unused = parse_config({"data": {"dir": "/abs/data"}, "run": {"out_dir": "/abs/runs"}})
+    assert resolve_job_paths(unused) == unused  # no pretraining: its cache_dir is not used
 
 
 def test_missing_dependencies_give_one_line_not_a_second_traceback(
