@@ -25,6 +25,7 @@ from fqa.estimators import ShardResult
 from fqa.setup import build_allocator, configured_estimator
 from fqa.stats import DatapointStats
 from fqa.step import Planned, QueryPlanner
+from fqa.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class AllocatorActor:
     ) -> int:
         """``load_state`` from a checkpoint, verified and read here rather than in the
         driver (which would otherwise load the model's tensors too). Returns its step."""
-        data = load_checkpoint(Path(path))
+        data = load_checkpoint(location(path))
         step = int(data.state["step"])
         stats = DatapointStats.load(data.stats_path, decay)
         since = [entry for entry in replay if entry[0].step >= step]
@@ -133,7 +134,7 @@ class RemotePlanner:
         start_step: int,
     ) -> None:
         self._args = (config_json, variance_scale)
-        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir = location(checkpoint_dir)  # a path or a Remote
         self.decay = Config.model_validate_json(config_json).allocator.stats_decay
         # the state the actor started from, used when no checkpoint exists yet
         self._initial = (copy.deepcopy(state), copy.deepcopy(stats), start_step)

@@ -33,6 +33,7 @@ from fqa.estimators import Shard, ShardResult, Update
 from fqa.setup import check_data, configured_estimator
 from fqa.stats import DatapointStats
 from fqa.step import UpdateOutcome
+from fqa.storage import Remote, location
 from fqa.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class RayWorkerPool:
             path = self._get(index, call, _START_TIMEOUT_S)
             if path is not None:
                 break
-        self.checkpoint = Path(path)  # it holds every update so far
+        self.checkpoint = location(path)  # it holds every update so far
         self.updates, self.update_bytes, self.log_complete = [], 0, True
         return self.checkpoint
 
@@ -447,7 +448,11 @@ class TuneReporter:
             return  # Tune gets evaluations and checkpoints: each report is a round trip
         from ray import tune
 
-        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        checkpoint = None
+        if isinstance(checkpoint_dir, Remote):  # already on object storage: Tune copies it
+            checkpoint = tune.Checkpoint(checkpoint_dir.path, filesystem=checkpoint_dir.fs)
+        elif checkpoint_dir:
+            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
         tune.report(_plain(self._pending), checkpoint=checkpoint)
         self._pending = None
 

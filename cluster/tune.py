@@ -24,8 +24,9 @@ from ray.tune import Callback
 from cluster.runtime import ClusterResourceError
 from cluster.sweep_config import SweepConfig, trial_config
 from fqa.backprop import with_pretrained
-from fqa.checkpoint import latest_checkpoint, write_text_atomic
+from fqa.checkpoint import latest_checkpoint, publish_checkpoint, write_text_atomic
 from fqa.config import Config, with_overrides
+from fqa.storage import Remote, location, rmtree
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def pretrain_once(sweep: SweepConfig, base: Config) -> None:
             with_pretrained(config)
 
 
-def _restore_tune_checkpoint(checkpoint_dir: Path) -> None:
+def _restore_tune_checkpoint(checkpoint_dir: Path | Remote) -> None:
     """A retried or restored trial gets Tune's latest checkpoint; put it where the
     Trainer resumes from, unless a newer one is already there (same machine)."""
     from ray import tune
@@ -127,6 +128,10 @@ def _restore_tune_checkpoint(checkpoint_dir: Path) -> None:
         step = json.loads((Path(source) / "state.json").read_text())["step"]
         current = latest_checkpoint(checkpoint_dir)
         if current is not None and int(current.name.split("-")[1]) >= step:
+            return
+        if isinstance(checkpoint_dir, Remote):
+            publish_checkpoint(Path(source), checkpoint_dir / f"step-{step:06d}")
+            log.info("trial resumes from Tune checkpoint at step %d", step)
             return
         target = checkpoint_dir / f"step-{step:06d}"
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +159,7 @@ def run_trial(params: dict[str, Any], *, base_json: str, sweep_json: str, runs_d
         trial_config(base, sweep, params),
         {"run.out_dir": runs_dir, "run.name": name, "run.resume": True, "train.progress": False},
     )
-    run_dir = Path(runs_dir) / name
+    run_dir = location(runs_dir) / name
     _restore_tune_checkpoint(run_dir / "checkpoints")
     trainer = ClusterTrainer(with_pretrained(config))
     if sweep.crash_at_step is not None:
@@ -171,7 +176,7 @@ def _crash_once(marker: Path, at_step: int, checkpoint_dir: Path):
     def hook(pool, step: int) -> None:
         if step == at_step and not marker.exists():
             marker.write_text(str(step))
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            rmtree(checkpoint_dir)
             raise InjectedTrialCrash(f"injected crash at step {step} (sweep crash_at_step)")
 
     return hook
@@ -224,7 +229,7 @@ def make_scheduler(sweep: SweepConfig, base: Config):
 def build_tuner(sweep: SweepConfig, base: Config, sweep_dir: Path, resume: bool, concurrency: int):
     from ray import tune
 
-    runs_dir = str(sweep_dir / "runs")
+    runs_dir = str(sweep_dir / "runs")  # trial run directories: a path or a URI
     trainable = tune.with_parameters(
         run_trial,
         base_json=base.model_dump_json(),
@@ -239,7 +244,8 @@ def build_tuner(sweep: SweepConfig, base: Config, sweep_dir: Path, resume: bool,
     )
     if resume:
         return tune.Tuner.restore(
-            str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True
+            tune_path(sweep_dir), trainable, resume_unfinished=True, resume_errored=True,
+            storage_filesystem=tune_filesystem(sweep_dir),
         )
     return tune.Tuner(
         trainable,
@@ -255,7 +261,8 @@ def build_tuner(sweep: SweepConfig, base: Config, sweep_dir: Path, resume: bool,
         ),
         run_config=tune.RunConfig(
             name=sweep_dir.name,
-            storage_path=str(sweep_dir.parent),
+            storage_path=tune_path(sweep_dir.parent),  # object storage: Tune writes there too
+            storage_filesystem=tune_filesystem(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             # Tune's status table ranks trials by their last report, the sweep's ranking by
@@ -289,8 +296,22 @@ class TrialLog(Callback):
         log.warning("trial %s failed (Tune retries it up to max_failures)", trial.trial_id)
 
 
-def sweep_directory(sweep: SweepConfig) -> Path:
-    return (Path(sweep.storage) / sweep.name).resolve()
+def sweep_directory(sweep: SweepConfig) -> Path | Remote:
+    storage = location(sweep.storage)
+    if isinstance(storage, Remote):
+        storage.check_bucket()
+        return storage / sweep.name
+    return (storage / sweep.name).resolve()
+
+
+def tune_path(path: Path | Remote) -> str:
+    """Tune's storage path: inside ``tune_filesystem`` for object storage."""
+    return path.path if isinstance(path, Remote) else str(path)
+
+
+def tune_filesystem(path: Path | Remote):
+    """Our pyarrow filesystem (endpoint, credentials, timeouts from fqa.storage), or None."""
+    return path.fs if isinstance(path, Remote) else None
 
 
 def run_sweep(sweep: SweepConfig, base: Config, resume: bool = False):
@@ -299,11 +320,16 @@ def run_sweep(sweep: SweepConfig, base: Config, resume: bool = False):
 
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials read the same relative paths as jobs.train
     sweep_dir = sweep_directory(sweep)
-    if resume and not tune.Tuner.can_restore(str(sweep_dir)):
+    fs = tune_filesystem(sweep_dir)
+    if resume and not tune.Tuner.can_restore(tune_path(sweep_dir), storage_filesystem=fs):
         raise FileNotFoundError(
             f"--resume: no Tune experiment state in {sweep_dir}; run without --resume first"
         )
-    if not resume and sweep_dir.exists() and tune.Tuner.can_restore(str(sweep_dir)):
+    if (
+        not resume
+        and sweep_dir.exists()
+        and tune.Tuner.can_restore(tune_path(sweep_dir), storage_filesystem=fs)
+    ):
         raise FileExistsError(
             f"{sweep_dir} already holds sweep {sweep.name!r}; pass --resume to continue it, "
             "or set another name / storage"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from fqa.estimators import Shard, ShardResult, Update
 from fqa.setup import build_estimator, build_optimizer, build_task
 from fqa.stats import DatapointStats
 from fqa.step import ReplicaUpdater, UpdateOutcome
+from fqa.storage import location
 
 
 class ReplicaBehind(RuntimeError):
@@ -81,7 +81,7 @@ class QueryWorker:
 
     def read_state(self, checkpoint: str) -> dict[str, Any]:
         """A checkpoint's state.json, after verifying every file's checksum."""
-        return load_checkpoint(Path(checkpoint)).state
+        return load_checkpoint(location(checkpoint)).state
 
     def restore(
         self, checkpoint: str | None, updates: list[tuple[Any, ...]]
@@ -92,7 +92,7 @@ class QueryWorker:
         if checkpoint is None:
             self._build()
         else:
-            data = load_checkpoint(Path(checkpoint))
+            data = load_checkpoint(location(checkpoint))
             self.task.model.load_state_dict(data.model)
             self.optimizer.load_state_dict(data.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
@@ -137,7 +137,7 @@ class QueryWorker:
     ) -> str:
         """Rank 0's checkpoint of its replica, in fqa.checkpoint's atomic format."""
         self._at(step)
-        path = save_checkpoint(Path(directory), step, self.task.model, self.optimizer, stats, state)
+        path = save_checkpoint(location(directory), step, self.task.model, self.optimizer, stats, state)
         return str(path)
 
     def checksum(self) -> str:

@@ -137,4 +137,6 @@ def with_pretrained(config: Config) -> Config:
     if not config.pretrain.enabled or config.model.checkpoint:
         return config
     checkpoint = ensure_pretrained(config, config.train.progress)
+    if isinstance(checkpoint, Path):  # workers and trials must not depend on this cwd
+        checkpoint = checkpoint.resolve()
     return with_overrides(config, {"model.checkpoint": str(checkpoint), "pretrain.enabled": False})

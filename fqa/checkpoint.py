@@ -151,6 +151,15 @@ def save_checkpoint(
     return final
 
 
+def publish_checkpoint(source: Path, final: Remote) -> None:
+    """Upload a complete local checkpoint directory: files, manifest, then ``latest``."""
+    (final / "manifest.json").unlink(missing_ok=True)
+    for name in _FILES:
+        (final / name).upload(source / name)
+    (final / "manifest.json").upload(source / "manifest.json")
+    (final.parent / "latest").write_text(final.name)
+
+
 def _save_remote(directory: Remote, step, model, optimizer, stats, state, keep) -> Remote:
     """No rename on object storage: files, then the manifest, then ``latest`` (each object
     write is atomic), so a reader never trusts a checkpoint before all of it is there."""
@@ -158,12 +167,8 @@ def _save_remote(directory: Remote, step, model, optimizer, stats, state, keep) 
     staging = scratch_dir("fqa-checkpoint-")
     try:
         _write_files(staging, step, model, optimizer, stats, state)
-        # rewriting a step: untrusted until its new manifest lands (keep >= 2 leaves an older one)
-        (final / "manifest.json").unlink(missing_ok=True)
-        for name in _FILES:
-            (final / name).upload(staging / name)
-        (final / "manifest.json").upload(staging / "manifest.json")
-        (directory / "latest").write_text(final.name)
+        # a rewritten step is untrusted until its new manifest lands (keep >= 2 leaves an older one)
+        publish_checkpoint(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     steps = sorted((p for p in directory.iterdir() if p.name.startswith("step-")), key=str)

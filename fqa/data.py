@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,8 @@ import pyarrow.parquet as pq
 import torch
 
 from fqa.storage import Remote, arrow_source, location, scratch_dir
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 SHAPE_KEY = b"fqa.image_shape"
@@ -369,30 +373,10 @@ def _read_sidecar(path: Path) -> dict:
         raise _fail(meta_path, f"dataset.json is not valid JSON ({e})", "fix or delete it") from e
 
 
-def load_image_dataset(
-    path: str | Path, require_caption: bool = False, require_label: bool = True
-) -> ImageDataset:
-    """Read and validate one Parquet file (schema in this module's docstring); a local
-    path or an object-store URI (fqa.storage)."""
-    path = location(path)
-    if not path.exists():
-        raise _fail(path, "file not found", f"check the path, or {PREPARE_HINT}")
-    if path.is_dir():
-        raise _fail(
-            path,
-            "is a directory, not a Parquet file",
-            "pass a .parquet file, or use load_splits(DIR) for a prepared directory",
-        )
-    try:
-        source, filesystem = arrow_source(path)
-        schema = pq.read_schema(source, filesystem=filesystem)
-    except (pa.ArrowException, OSError) as e:
-        raise _fail(
-            path,
-            f"not a readable Parquet file, perhaps corrupt or truncated ({e})",
-            f"rewrite it with pyarrow.parquet.write_table, or {PREPARE_HINT}",
-        ) from e
-
+def check_schema(
+    path: Path | Remote, schema: pa.Schema, require_caption: bool, require_label: bool
+) -> tuple[bool, list[int] | None]:
+    """Required columns and their types; returns (images are encoded bytes, [C, H, W])."""
     required = ["index", "image"] + ["label"] * require_label + ["caption"] * require_caption
     for name in required:
         if name not in schema.names:
@@ -427,6 +411,34 @@ def load_image_dataset(
                 "store captions as strings",
             )
     shape = _shape_from_metadata(path, schema, required=is_list)
+    return is_binary, shape
+
+
+def load_image_dataset(
+    path: str | Path, require_caption: bool = False, require_label: bool = True
+) -> ImageDataset:
+    """Read and validate one Parquet file (schema in this module's docstring); a local
+    path or an object-store URI (fqa.storage)."""
+    path = location(path)
+    if not path.exists():
+        raise _fail(path, "file not found", f"check the path, or {PREPARE_HINT}")
+    if path.is_dir():
+        raise _fail(
+            path,
+            "is a directory, not a Parquet file",
+            "pass a .parquet file, or use load_splits(DIR) for a prepared directory",
+        )
+    try:
+        source, filesystem = arrow_source(path)
+        schema = pq.read_schema(source, filesystem=filesystem)
+    except (pa.ArrowException, OSError) as e:
+        raise _fail(
+            path,
+            f"not a readable Parquet file, perhaps corrupt or truncated ({e})",
+            f"rewrite it with pyarrow.parquet.write_table, or {PREPARE_HINT}",
+        ) from e
+
+    is_binary, shape = check_schema(path, schema, require_caption, require_label)
 
     columns = [c for c in ("index", "image", "label", "caption") if c in schema.names]
     try:
@@ -504,12 +516,45 @@ def check_splits(data_dir: str | Path) -> None:
         )
 
 
-def load_splits(data_dir: str | Path, **kwargs) -> dict[str, ImageDataset]:
+def load_splits(
+    data_dir: str | Path,
+    in_memory_mb: float | None = None,
+    cache_mb: float = 256.0,
+    **kwargs,
+) -> dict[str, ImageDataset]:
     """Load train/validation/test.parquet from a prepared directory (a path or a URI);
-    ids must not overlap."""
+    ids must not overlap.
+
+    With ``in_memory_mb`` set, a split whose decoded images exceed it is opened lazily
+    (fqa.lazy_data: rows read on demand through one row-group cache of ``cache_mb`` shared
+    by the splits); the choice is logged. ``None`` loads everything into memory."""
     check_splits(data_dir)
     data_dir = location(data_dir)
-    splits = {s: load_image_dataset(data_dir / f"{s}.parquet", **kwargs) for s in SPLITS}
+    splits = {}
+    cache = None
+    for split in SPLITS:
+        path = data_dir / f"{split}.parquet"
+        if in_memory_mb is None:
+            splits[split] = load_image_dataset(path, **kwargs)
+            continue
+        from fqa.lazy_data import RowGroupCache, decoded_bytes, open_lazy
+
+        needs = _requirements(kwargs)
+        size = _open_checked(path, partial(decoded_bytes, **needs))
+        if size <= in_memory_mb * 2**20:
+            log.info(
+                "%s: %.1f MB decoded <= data.in_memory_mb=%g: loaded into memory",
+                path, size / 2**20, in_memory_mb,
+            )  # fmt: skip
+            splits[split] = load_image_dataset(path, **kwargs)
+        else:
+            cache = cache or RowGroupCache(int(cache_mb * 2**20))
+            log.info(
+                "%s: %.1f MB decoded > data.in_memory_mb=%g: opened lazily, row groups read on "
+                "demand through a %g MB cache (data.cache_mb)",
+                path, size / 2**20, in_memory_mb, cache_mb,
+            )  # fmt: skip
+            splits[split] = _open_checked(path, partial(open_lazy, cache=cache, **needs))
     all_ids = np.concatenate([d.ids.numpy() for d in splits.values()])
     uniq, counts = np.unique(all_ids, return_counts=True)
     if len(uniq) != len(all_ids):
@@ -519,6 +564,25 @@ def load_splits(data_dir: str | Path, **kwargs) -> dict[str, ImageDataset]:
             "make 'index' unique across train/validation/test",
         )
     return splits
+
+
+def _requirements(kwargs: dict) -> dict:
+    return {
+        "require_caption": kwargs.get("require_caption", False),
+        "require_label": kwargs.get("require_label", True),
+    }
+
+
+def _open_checked(path: Path | Remote, open_split: Callable):
+    """Run a reader, turning an unreadable file into the usual DataError."""
+    try:
+        return open_split(path)
+    except (pa.ArrowException, OSError) as e:
+        raise _fail(
+            path,
+            f"not a readable Parquet file, perhaps corrupt or truncated ({e})",
+            f"rewrite it with pyarrow.parquet.write_table, or {PREPARE_HINT}",
+        ) from e
 
 
 # --------------------------------------------------------------------------- digits

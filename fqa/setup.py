@@ -24,10 +24,16 @@ log = logging.getLogger(__name__)
 
 def load_data(config: Config) -> tuple[dict[str, ImageDataset], int]:
     """The train/validation/test splits and the number of classes the head needs."""
+    # image classification reads big splits lazily (fqa.lazy_data); CLIP tasks need them in memory
+    lazy = config.task.name == "image_classification"
+    sizes = {
+        "in_memory_mb": config.data.in_memory_mb if lazy else None,
+        "cache_mb": config.data.cache_mb,
+    }
     if config.data.dataset == "digits":
-        splits = ensure_digits(config.data.dir)
+        splits = ensure_digits(config.data.dir, **sizes)
     else:
-        splits = load_splits(config.data.dir)
+        splits = load_splits(config.data.dir, **sizes)
     if config.data.classes is not None:
         splits = {k: v.filter_labels(config.data.classes, relabel=True) for k, v in splits.items()}
     num_classes = splits["train"].num_classes or int(splits["train"].labels.max()) + 1

@@ -14,6 +14,7 @@ from fqa.backprop import train_backprop, with_pretrained
 from fqa.config import Config, with_overrides
 from fqa.plots import plot_runs, read_metrics
 from fqa.setup import build_task
+from fqa.storage import Remote, location, scratch_dir
 from fqa.trainer import Trainer
 
 
@@ -65,18 +66,28 @@ def run_experiment(
         task = build_task(config)
         results.append(train_backprop(task, config, steps, progress, f"{config.run.name}-backprop"))
 
-    out = Path(config.run.out_dir) / config.run.name
+    out = location(config.run.out_dir) / config.run.name  # a path or a Remote (fqa.storage)
     notes += reach_notes(config, metric)
     notes += backprop_notes(results, metric)
     table = format_table(results, metric) + "".join(f"\n{line}" for line in notes)
     (out / "comparison.json").write_text(json.dumps(results, indent=1))
     (out / "comparison.txt").write_text(table + "\n")
-    plot_runs(curves, out / "comparison.png", title=f"{config.run.name}: forward-only fine-tuning")
+    title = f"{config.run.name}: forward-only fine-tuning"
+    if isinstance(out, Remote):
+        staged = scratch_dir("fqa-compare-") / "comparison.png"
+        plot_runs(curves, staged, title=title)
+        (out / "comparison.png").upload(staged)
+    else:
+        plot_runs(curves, out / "comparison.png", title=title)
     return {"runs": results, "table": table, "dir": str(out)}
 
 
 def _metrics(config: Config) -> Path:
-    return Path(config.run.out_dir) / config.run.name / "metrics.jsonl"
+    """The run's metrics.jsonl as a local file (a fresh download for a remote run)."""
+    path = location(config.run.out_dir) / config.run.name / "metrics.jsonl"
+    if isinstance(path, Remote):
+        return path.download(scratch_dir("fqa-metrics-") / "metrics.jsonl")
+    return path
 
 
 def format_table(results: list[dict[str, Any]], metric: str = "accuracy") -> str:

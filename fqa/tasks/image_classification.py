@@ -34,7 +34,13 @@ class ImageClassificationTask(Task):
     ) -> None:
         self.model = model.eval()
         self.eval_batch = eval_batch
-        self._inputs = {name: _prepare_images(ds.images, input_size) for name, ds in splits.items()}
+        self.input_size = input_size
+        # in-memory splits are prepared once; lazy ones (fqa.lazy_data) per batch read
+        self._inputs = {
+            name: _prepare_images(ds.images, input_size)
+            for name, ds in splits.items()
+            if not hasattr(ds, "images_at")
+        }
         self._labels = {name: ds.labels for name, ds in splits.items()}
         self._splits = splits
         num_classes = model.get_classifier().out_features
@@ -52,7 +58,12 @@ class ImageClassificationTask(Task):
         positions = self._splits[split].positions(
             torch.as_tensor(np.asarray(ids), dtype=torch.long)
         )
-        return self._inputs[split][positions], self._labels[split][positions]
+        return self._inputs_at(split, positions), self._labels[split][positions]
+
+    def _inputs_at(self, split: str, positions: torch.Tensor) -> torch.Tensor:
+        if split in self._inputs:
+            return self._inputs[split][positions]
+        return _prepare_images(self._splits[split].images_at(positions), self.input_size)
 
     def losses(self, ids: np.ndarray) -> torch.Tensor:
         inputs, labels = self._rows(ids)
@@ -74,12 +85,13 @@ class ImageClassificationTask(Task):
         return F.cross_entropy(self.model(inputs), labels)
 
     def evaluate(self, split: str) -> dict[str, float]:
-        inputs, labels = self._inputs[split], self._labels[split]
+        labels = self._labels[split]
         total_loss, correct = 0.0, 0
         with torch.inference_mode():
             for start in range(0, len(labels), self.eval_batch):
-                logits = self.model(inputs[start : start + self.eval_batch])
-                target = labels[start : start + self.eval_batch]
+                rows = torch.arange(start, min(start + self.eval_batch, len(labels)))
+                logits = self.model(self._inputs_at(split, rows))
+                target = labels[rows]
                 total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
                 correct += int((logits.argmax(-1) == target).sum())
         n = max(len(labels), 1)
