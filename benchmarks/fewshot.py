@@ -369,7 +369,12 @@ def run(args) -> dict[str, Any]:
     base = load_config(args.config, overrides)
     started = time.perf_counter()
     pool = target_pool(base, args.feature_block)
-    chosen = cells(base.train.queries_per_datapoint, args.mezo_q)
+    wanted = set(args.estimators.split(","))
+    chosen = [
+        c for c in cells(base.train.queries_per_datapoint, args.mezo_q) if c.estimator in wanted
+    ]
+    if not any(c.estimator == "lr" and c.allocator == "uniform" for c in chosen):
+        raise ValueError(f"--estimators={args.estimators} must include lr (the uniform reference)")
     total = equal_budget(args.total_queries, base.train.batch_size, chosen)
     grid = [float(x) for x in str(args.lrs).split(",")]
     splits = {seed: kshot_split(pool.labels, args.k, seed) for seed in range(args.seeds)}
@@ -635,6 +640,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=8, help="k-shot draws (and head inits)")
     parser.add_argument("--lrs", default="0.0003,0.001,0.003,0.01", help="step-size grid")
     parser.add_argument("--total-queries", type=int, default=40_000, help="per run (rounded up)")
+    parser.add_argument("--estimators", default="backprop,spsa,lr", help="cells to run")
     parser.add_argument("--mezo-q", type=int, default=2, help="spsa queries per datapoint")
     parser.add_argument("--hidden", type=int, default=0, help="head hidden width (0: linear)")
     parser.add_argument("--feature-block", type=int, default=1, help="backbone block to read")
