@@ -358,6 +358,8 @@ def run(args) -> dict[str, Any]:
     from fqa.config import load_config, with_overrides
 
     torch.set_num_threads(1)  # the machine is shared; runs are sequential
+    if args.resummarise:
+        return _write(json.loads((Path(args.out) / "fewshot.json").read_text()), args.out)
     if args.quick:
         args.seeds, args.lrs, args.total_queries, args.pretrain_epochs = 2, "0.003", 2000, 2
     overrides = {"pretrain.epochs": args.pretrain_epochs, "run.out_dir": args.runs}
@@ -367,7 +369,12 @@ def run(args) -> dict[str, Any]:
     base = load_config(args.config, overrides)
     started = time.perf_counter()
     pool = target_pool(base, args.feature_block)
-    chosen = cells(base.train.queries_per_datapoint, args.mezo_q)
+    wanted = set(args.estimators.split(","))
+    chosen = [
+        c for c in cells(base.train.queries_per_datapoint, args.mezo_q) if c.estimator in wanted
+    ]
+    if not any(c.estimator == "lr" and c.allocator == "uniform" for c in chosen):
+        raise ValueError(f"--estimators={args.estimators} must include lr (the uniform reference)")
     total = equal_budget(args.total_queries, base.train.batch_size, chosen)
     grid = [float(x) for x in str(args.lrs).split(",")]
     splits = {seed: kshot_split(pool.labels, args.k, seed) for seed in range(args.seeds)}
@@ -404,12 +411,20 @@ def run(args) -> dict[str, Any]:
         "cells": [asdict(c) for c in chosen],
         "runs": runs,
     }
-    report["table"] = summarise(runs, chosen, sizes)
     report["wall_seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fewshot.json").write_text(json.dumps(report, indent=1))
-    _plot(report, out / "fewshot.png")
+    return _write(report, args.out)
+
+
+def _write(report: dict, out: str) -> dict[str, Any]:
+    """Summarise the runs into the tables, write fewshot.json and .png, print the tables."""
+    chosen = [Cell(**c) for c in report["cells"]]
+    sizes = report["protocol"]["split_sizes"]
+    report["table"] = summarise(report["runs"], chosen, sizes)
+    report["shared_lr"] = shared_lr_table(report["runs"], chosen)
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "fewshot.json").write_text(json.dumps(report, indent=1))
+    _plot(report, path / "fewshot.png")
     print(format_table(report))
     return report
 
@@ -425,6 +440,68 @@ def _t_half_width(values: np.ndarray) -> float:
 def _first_crossing(queries: np.ndarray, curve: np.ndarray, target: float) -> float:
     hit = np.flatnonzero(curve >= target - 1e-9)
     return float(queries[hit[0]]) if len(hit) else float("inf")
+
+
+def ratio_with_interval(
+    curves: np.ndarray, reference: np.ndarray, reference_finals: np.ndarray, queries: np.ndarray
+) -> tuple[float, float, list[float], float]:
+    """Queries a cell's seed-mean curve needs to reach the reference's final mean accuracy,
+    the reference's own, and a paired bootstrap 95% interval of their ratio over seeds
+    (a seed is one k-shot set, so both sides resample the same seeds). Also the fraction
+    of resamples in which the cell reaches the target at all."""
+
+    def needed(idx: np.ndarray) -> tuple[float, float]:
+        target = reference_finals[idx].mean()
+        return (
+            _first_crossing(queries, curves[idx].mean(0), target),
+            _first_crossing(queries, reference[idx].mean(0), target),
+        )
+
+    seeds = len(reference_finals)
+    point, own = needed(np.arange(seeds))
+    resamples = np.random.default_rng(0).integers(0, seeds, size=(BOOTSTRAP, seeds))
+    ratios = np.sort([np.divide(*needed(idx)) for idx in resamples])
+    # order statistics: a resample that never reaches the target counts as +inf
+    interval = [float(ratios[int(0.025 * BOOTSTRAP)]), float(ratios[int(0.975 * BOOTSTRAP) - 1])]
+    return point, own, interval, float(np.isfinite(ratios).mean())
+
+
+def _group(runs: list[dict], label: str, lr: float) -> list[dict]:
+    return sorted(
+        (r for r in runs if r["cell"] == label and r["lr"] == lr), key=lambda r: r["seed"]
+    )
+
+
+def shared_lr_table(runs: list[dict], chosen: list[Cell]) -> list[dict]:
+    """Each lr allocator against lr/uniform at the *same* step size, for every grid point:
+    separates the allocation's effect from the step-size selection's."""
+    uniform = next(c for c in chosen if c.estimator == "lr" and c.allocator == "uniform")
+    rows = []
+    for lr in sorted({r["lr"] for r in runs}):
+        base = _group(runs, uniform.label, lr)
+        finals = np.array([r["test_accuracy"] for r in base])
+        reference = np.array([r["curve"]["test_accuracy"] for r in base])
+        queries = np.asarray(base[0]["curve"]["queries"], dtype=float)
+        for cell in chosen:
+            if cell.estimator != "lr" or cell == uniform:
+                continue
+            mine = _group(runs, cell.label, lr)
+            curves = np.array([r["curve"]["test_accuracy"] for r in mine])
+            point, own, interval, reached = ratio_with_interval(curves, reference, finals, queries)
+            rows.append(
+                {
+                    "lr": lr,
+                    "method": cell.label,
+                    "target": float(finals.mean()),
+                    "test_mean": float(np.mean([r["test_accuracy"] for r in mine])),
+                    "queries_to_target": point,
+                    "reference_queries_to_target": own,
+                    "ratio": point / own,
+                    "ratio_ci95": interval,
+                    "ratio_reached_fraction": reached,
+                }
+            )
+    return rows
 
 
 def summarise(runs: list[dict], chosen: list[Cell], sizes: dict[str, int]) -> list[dict]:
@@ -446,15 +523,6 @@ def summarise(runs: list[dict], chosen: list[Cell], sizes: dict[str, int]) -> li
         if "curve" in g[0]
     }
     queries = np.asarray(best[reference][0]["curve"]["queries"], dtype=float)
-    seeds = len(finals[reference])
-    rng = np.random.default_rng(0)
-    resamples = rng.integers(0, seeds, size=(BOOTSTRAP, seeds))  # paired: a seed is a k-shot set
-
-    def needed(label: str, idx: np.ndarray) -> tuple[float, float]:
-        target = finals[reference][idx].mean()
-        own = _first_crossing(queries, curves[reference][idx].mean(0), target)
-        return _first_crossing(queries, curves[label][idx].mean(0), target), own
-
     table = []
     for cell in chosen:
         label = cell.label
@@ -478,10 +546,9 @@ def summarise(runs: list[dict], chosen: list[Cell], sizes: dict[str, int]) -> li
             "target": float(finals[reference].mean()),
         }
         if label in curves:
-            all_seeds = np.arange(seeds)
-            point, own = needed(label, all_seeds)
-            ratios = np.array([np.divide(*needed(label, idx)) for idx in resamples])
-            finite = ratios[np.isfinite(ratios)]
+            point, own, interval, reached = ratio_with_interval(
+                curves[label], curves[reference], finals[reference], queries
+            )
             gains = np.array([r["curve"]["gain_star"] for r in group])
             spread = np.array([r["curve"]["alloc_cv"] for r in group])
             ratio_mm = np.array([r["curve"]["alloc_max_over_min"] for r in group])
@@ -489,12 +556,8 @@ def summarise(runs: list[dict], chosen: list[Cell], sizes: dict[str, int]) -> li
                 queries_to_target=point,
                 reference_queries_to_target=own,
                 ratio=point / own,
-                # order statistics: a resample that never reaches the target is +inf
-                ratio_ci95=[
-                    float(np.sort(ratios)[int(0.025 * len(ratios))]),
-                    float(np.sort(ratios)[int(np.ceil(0.975 * len(ratios))) - 1]),
-                ],
-                ratio_reached_fraction=float(len(finite) / len(ratios)),
+                ratio_ci95=interval,
+                ratio_reached_fraction=reached,
                 gain_star_curve=np.nanmean(gains, axis=0).tolist(),
                 gain_star_final=float(np.nanmean(gains[:, -1])),
                 alloc_cv_curve=spread.mean(0).tolist(),
@@ -532,6 +595,13 @@ def format_table(report: dict) -> str:
         f"target {first['target']:.3f} = final mean test accuracy of {first['reference']}; "
         "ratio = queries to reach it / the reference's own (paired bootstrap over seeds)"
     )
+    lines.append("at a shared step size, against lr/uniform at that step size:")
+    for row in report.get("shared_lr", []):
+        lo, hi = row["ratio_ci95"]
+        lines.append(
+            f"  lr={row['lr']:<7.4g} {row['method']:<26} final {row['test_mean']:.3f} vs "
+            f"{row['target']:.3f}  ratio {row['ratio']:>5.2f} [{lo:>5.2f}, {hi:>5.2f}]"
+        )
     return "\n".join(lines)
 
 
@@ -570,6 +640,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=8, help="k-shot draws (and head inits)")
     parser.add_argument("--lrs", default="0.0003,0.001,0.003,0.01", help="step-size grid")
     parser.add_argument("--total-queries", type=int, default=40_000, help="per run (rounded up)")
+    parser.add_argument("--estimators", default="backprop,spsa,lr", help="cells to run")
     parser.add_argument("--mezo-q", type=int, default=2, help="spsa queries per datapoint")
     parser.add_argument("--hidden", type=int, default=0, help="head hidden width (0: linear)")
     parser.add_argument("--feature-block", type=int, default=1, help="backbone block to read")
@@ -581,3 +652,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--runs", default="runs/bench", help="scratch directory")
     parser.add_argument("--quick", action="store_true", help="tiny settings for tests")
+    parser.add_argument(
+        "--resummarise", action="store_true", help="rebuild tables and plot from OUT/fewshot.json"
+    )

@@ -98,4 +98,12 @@ def test_fewshot_quick(tmp_path, digits_dir, capsys):
     # the reference needs its own queries: ratio 1 by construction
     reference = rows[rows["backprop"]["reference"]]
     assert reference["ratio"] == pytest.approx(1.0)
+    # each allocator against uniform at the same step size, for the whole grid
+    assert {(r["lr"], r["method"]) for r in report["shared_lr"]} == {
+        (0.003, f"lr/{a} q=10") for a in ("neyman", "gaussian", "bernoulli")
+    }
     assert "test acc" in capsys.readouterr().out
+    # the tables are a pure function of the runs: rebuilding them changes nothing
+    assert main(["fewshot", "--resummarise", "--out", str(out)]) == 0
+    rebuilt = json.loads((out / "fewshot.json").read_text())
+    assert rebuilt["table"] == report["table"] and rebuilt["shared_lr"] == report["shared_lr"]
