@@ -240,16 +240,30 @@ def measure(args, model: str | None, trainable: str, rows: int, reps: int) -> di
     }
 
 
+def _model_spec(spec: str) -> tuple[str | None, list[int]]:
+    """``name`` or ``name@rows`` (its own rows, e.g. ``tiny@64``); ``tiny``: the config's."""
+    name, _, rows = spec.partition("@")
+    try:
+        sizes = [int(rows)] if rows else []
+    except ValueError:
+        raise ValueError(f"--models entry {spec!r}: rows after @ must be an integer") from None
+    return (None if name == "tiny" else name), sizes
+
+
 def run(args) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     quick = args.quick
     if quick:
         cells = [(None, "full", r) for r in (16, 64)]
     else:
-        models = [None if m == "tiny" else m for m in args.models.split(",")]
         sizes = [int(s) for s in args.rows.split(",")]
         modes = args.trainable.split(",")
-        cells = [(m, mode, r) for m in models for mode in modes for r in sizes]
+        cells = [
+            (model, mode, r)
+            for model, own_sizes in map(_model_spec, args.models.split(","))
+            for mode in modes
+            for r in own_sizes or sizes
+        ]
     results = []
     for model, mode, rows in tqdm(cells, desc="throughput", disable=quick):
         results.append(measure(args, model, mode, rows, 3 if quick else args.reps))
@@ -325,7 +339,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--models",
         default=",".join(REAL_MODELS),
-        help="comma separated: timm names, open_clip:<name> (image tower + head), tiny",
+        help="comma separated: timm names, open_clip:<name> (image tower + head), tiny "
+        "(the config's model); name@rows gives that model its own rows per shard",
     )
     parser.add_argument("--rows", default="4", help="rows per shard, comma separated")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
