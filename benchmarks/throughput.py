@@ -25,19 +25,40 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.config import load_config
+from fqa.data import ImageDataset
 from fqa.plots import plt
 from fqa.progress import progress
-from fqa.setup import build_estimator, build_task
-from fqa.tasks.models import TINY_VIT
+from fqa.setup import build_estimator, build_task, load_data
+from fqa.tasks.image_classification import ImageClassificationTask
+from fqa.tasks.models import TINY_VIT, create_timm_model
+from fqa.tasks.trainable import select_trainable
 
-METHODS = ("forward", "spsa", "lr")
+METHODS = ("forward", "spsa", "lr", "lr2", "backprop")
+# lr2: the lr estimator with two_pass (a second accumulating forward, nothing stored)
+ESTIMATORS = {"spsa": ("spsa", False), "lr": ("lr", False), "lr2": ("lr", True)}
+# The sizes people fine-tune, at 224 px, randomly initialised (weights do not change a
+# query's cost): timm name, or "open_clip:<name>" for an open_clip image tower + head.
+REAL_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "open_clip:ViT-B-32")
+NUM_CLASSES = 10  # the bundled digits
 
 
-def peak_bytes(fn) -> int:
-    """Peak tensor storage allocated by ``fn()`` on the CPU, above what existed before it."""
+def peak_bytes(fn, device: torch.device | None = None) -> int:
+    """Peak tensor storage allocated by ``fn()``, above what existed before it.
+
+    CPU: from the PyTorch profiler's memory timeline (every allocation and free of a
+    tensor storage). CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``.
+    One method per device, so every column of a row is measured the same way."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
 
@@ -55,24 +76,84 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def _setup(config_path: str, estimator: str, trainable: str, rows: int, overrides: dict):
-    config = load_config(
-        config_path,
-        {
-            "estimator.name": estimator,
-            "trainable.mode": trainable,
-            "model.checkpoint": None,  # weights do not change a query's cost
-            "pretrain.enabled": False,
-            "estimator.shard_rows": rows,
-            "train.progress": False,
-            **overrides,
-        },
+class ClipImageClassifier(nn.Module):
+    """An open_clip image tower and a linear head: CLIP fine-tuned as a classifier.
+
+    ``blocks``/``norm``/``get_classifier`` are the names ``select_trainable`` looks for
+    (timm's), so trainable modes mean the same for every model of the benchmark."""
+
+    def __init__(self, name: str, num_classes: int) -> None:
+        super().__init__()
+        import open_clip
+
+        # random initialisation: nothing is downloaded
+        self.visual = open_clip.create_model(name, pretrained=None).visual
+        self.head = nn.Linear(self.visual.output_dim, num_classes)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.visual.ln_post
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.visual(images))
+
+
+def _real_model(name: str) -> nn.Module:
+    if name.startswith("open_clip:"):
+        return ClipImageClassifier(name.split(":", 1)[1], NUM_CLASSES).eval()
+    return create_timm_model(name, NUM_CLASSES, {})  # 3 channels, 224 px
+
+
+def _real_task(name: str, config, rows: int, device: torch.device) -> ImageClassificationTask:
+    """``rows`` digits at 224 px in RGB (the gray channel repeated) on ``device``."""
+    splits, _ = load_data(config)
+    train = splits["train"]
+    n = min(rows, len(train))
+    small = ImageDataset(
+        ids=train.ids[:n].clone(),
+        images=train.images[:n].expand(-1, 3, -1, -1).to(device),
+        labels=train.labels[:n].to(device),
+        num_classes=NUM_CLASSES,
     )
-    task = build_task(config)
+    torch.manual_seed(config.run.seed)
+    model = _real_model(name).to(device)
+    if not select_trainable(model, config.trainable.mode, config.trainable.blocks):
+        raise ValueError(f"trainable.mode={config.trainable.mode} selects nothing in {name}")
+    return ImageClassificationTask(model, {"train": small}, 224)
+
+
+def _setup(args, model: str | None, column: str, trainable: str, rows: int):
+    """The task and estimator of one column; ``model`` None: the config's (tiny) model."""
+    estimator, two_pass = ESTIMATORS[column]
+    overrides = {
+        "estimator.name": estimator,
+        "estimator.two_pass": two_pass,
+        "trainable.mode": trainable,
+        "model.checkpoint": None,  # weights do not change a query's cost
+        "pretrain.enabled": False,
+        "estimator.shard_rows": rows,
+        "train.progress": False,
+    }
+    if args.quick:  # the test suite's tiny ViT
+        overrides["model.kwargs"] = TINY_VIT
+    config = load_config(args.config, overrides)
+    device = torch.device(args.device)
+    if model is None:
+        task = build_task(config)
+        task.model.to(device)
+    else:
+        task = _real_task(model, config, rows, device)
     est = build_estimator(config, task)  # lr: freezes what it cannot estimate
     ids = task.train_ids()[:rows]
     shard = est.plan(ids, np.ones(rows, dtype=int), task.prepass(ids)["loss"], 0, rows)[0]
-    return config, task, est, shard
+    return task, est, shard
 
 
 def _clear_grads(task) -> None:
@@ -85,10 +166,12 @@ def _backprop_step(task, ids) -> None:
         task.backprop_loss(ids).backward()
 
 
-def measure(config_path: str, trainable: str, rows: int, reps: int, overrides: dict) -> dict:
-    """Speed ratios and peak memories of every method at one sub-batch size."""
-    tasks = {name: _setup(config_path, name, trainable, rows, overrides) for name in ("spsa", "lr")}
-    _, task, _, shard = tasks["spsa"]
+def measure(args, model: str | None, trainable: str, rows: int, reps: int) -> dict:
+    """Speeds (interleaved repetitions) and peak memories of every method at one size."""
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tasks = {name: _setup(args, model, name, trainable, rows) for name in ESTIMATORS}
+    task, _, shard = tasks["spsa"]
     x, _ = task._rows(np.asarray(shard.ids))
 
     def forward():
@@ -96,117 +179,156 @@ def measure(config_path: str, trainable: str, rows: int, reps: int, overrides: d
             task.model(x)
 
     def query(name):
-        _, t, est, s = tasks[name]
+        t, est, s = tasks[name]
         return lambda: est.evaluate(t, s).queries
 
-    calls = {"forward": lambda: (forward(), rows)[1], "spsa": query("spsa"), "lr": query("lr")}
+    def backprop():
+        _clear_grads(task)
+        _backprop_step(task, np.asarray(shard.ids))
+        return rows
+
+    calls = {
+        "forward": lambda: (forward(), rows)[1],
+        "spsa": query("spsa"),
+        "lr": query("lr"),
+        "lr2": query("lr2"),
+        "backprop": backprop,
+    }
     for fn in calls.values():
         fn()  # warm-up
     per_rep: dict[str, list[float]] = {m: [] for m in METHODS}  # queries (rows) per second
     for _ in range(reps):
         for name in METHODS:  # interleaved: every method sees the same load
+            sync()
             started = time.perf_counter()
             count = calls[name]()
+            sync()
             per_rep[name].append(count / (time.perf_counter() - started))
+    _clear_grads(task)
     ratio = {
         name: statistics.median(
             q / f for q, f in zip(per_rep[name], per_rep["forward"], strict=True)
         )
-        for name in ("spsa", "lr")
+        for name in METHODS[1:]
     }
 
-    memory: dict[str, int] = {"forward": peak_bytes(forward)}
-    for name in ("spsa", "lr"):
-        _, t, est, s = tasks[name]
+    memory: dict[str, int] = {"forward": peak_bytes(forward, device)}
+    for name in ESTIMATORS:
+        t, est, s = tasks[name]
         _clear_grads(t)
-        memory[f"{name}_queries"] = peak_bytes(lambda t=t, est=est, s=s: est.evaluate(t, s))
+        memory[f"{name}_queries"] = peak_bytes(lambda t=t, est=est, s=s: est.evaluate(t, s), device)
         _clear_grads(t)
-        memory[f"{name}_step"] = peak_bytes(
-            lambda t=t, est=est, s=s: est.estimate(t, [s])
-        )
-        _clear_grads(t)
-        memory[f"{name}_backprop_step"] = peak_bytes(
-            lambda t=t, s=s: _backprop_step(t, np.asarray(s.ids))
-        )
+        memory[f"{name}_step"] = peak_bytes(lambda t=t, est=est, s=s: est.estimate(t, [s]), device)
         _clear_grads(t)
         memory[f"{name}_trainable_parameters"] = sum(p.numel() for _, p in t.trainable_parameters())
+    # backpropagation of what lr trains (its Linear layers; lr2 trains the same set)
+    t, _, s = tasks["lr"]
+    memory["lr_backprop_step"] = peak_bytes(lambda: _backprop_step(t, np.asarray(s.ids)), device)
+    _clear_grads(t)
     return {
+        "model": model or "tiny",
         "trainable": trainable,
         "rows": rows,
         "reps": reps,
+        "device": str(device),
         "per_second_median": {m: statistics.median(v) for m, v in per_rep.items()},
         "fraction_of_forward": ratio,
         "peak_bytes": memory,
         "spsa_queries_vs_forward_memory": memory["spsa_queries"] / memory["forward"],
         "lr_step_vs_backprop_memory": memory["lr_step"] / memory["lr_backprop_step"],
+        "lr2_step_vs_backprop_memory": memory["lr2_step"] / memory["lr_backprop_step"],
     }
+
+
+def _model_spec(spec: str) -> tuple[str | None, list[int]]:
+    """``name`` or ``name@rows`` (its own rows, e.g. ``tiny@64``); ``tiny``: the config's."""
+    name, _, rows = spec.partition("@")
+    try:
+        sizes = [int(rows)] if rows else []
+    except ValueError:
+        raise ValueError(f"--models entry {spec!r}: rows after @ must be an integer") from None
+    return (None if name == "tiny" else name), sizes
 
 
 def run(args) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     quick = args.quick
-    sizes = [16, 64] if quick else [int(s) for s in args.rows.split(",")]
-    modes = ["full"] if quick else args.trainable.split(",")
-    overrides = {}
-    if quick:  # the test suite's tiny ViT
-        overrides["model.kwargs"] = TINY_VIT
-    cells = [(m, r) for m in modes for r in sizes]
-    results = [
-        measure(args.config, mode, rows, 3 if quick else args.reps, overrides)
-        for mode, rows in progress(cells, len(cells), "throughput", enabled=not quick, every=1)
-    ]
-    report = {"threads": args.threads, "results": results}
+    if quick:
+        cells = [(None, "full", r) for r in (16, 64)]
+    else:
+        sizes = [int(s) for s in args.rows.split(",")]
+        modes = args.trainable.split(",")
+        cells = [
+            (model, mode, r)
+            for model, own_sizes in map(_model_spec, args.models.split(","))
+            for mode in modes
+            for r in own_sizes or sizes
+        ]
+    results = []
+    for model, mode, rows in progress(cells, len(cells), "throughput", enabled=not quick, every=1):
+        results.append(measure(args, model, mode, rows, 3 if quick else args.reps))
+        if not quick:
+            print(format_report({"results": results[-1:]}).splitlines()[-1], flush=True)
+    report = {"threads": args.threads, "device": args.device, "results": results}
     write_report(args.out, "throughput", report, _plot)
     print(format_report(report))
     return report
 
 
 def format_report(report: dict) -> str:
+    """One row per (model, trainable, rows); the target ratios at the right.
+
+    lr2 is lr with ``two_pass`` (a second accumulating forward instead of stored inputs)."""
     lines = [
-        f"{'trainable':<11} {'rows':>5} {'forward rows/s':>14} {'spsa q/s':>9} {'spsa/fwd':>8} "
-        f"{'lr q/s':>8} {'lr/fwd':>6} | peak MB: {'forward':>7} {'spsa q':>7} {'spsa step':>9} "
-        f"{'lr q':>6} {'lr step':>7} {'backprop':>8}"
+        f"{'model':<22} {'trainable':<11} {'rows':>4} {'params':>7} {'fwd rows/s':>10} "
+        f"{'spsa q/s':>8} {'lr q/s':>7} {'lr2 q/s':>7} {'bp s/step':>9} | peak MB: {'fwd':>6} "
+        f"{'spsa':>6} {'lr':>6} {'lr2':>6} {'bp':>6} | {'lr/bp':>5} {'lr2/bp':>6} "
+        f"{'lr/fwd':>6} {'lr2/fwd':>7} {'spsa/fwd':>8} {'spsa/fwd mem':>12}"
     ]
     mb = 1e-6
     for r in report["results"]:
         m, s, f = r["peak_bytes"], r["per_second_median"], r["fraction_of_forward"]
+        params = m["spsa_trainable_parameters"] / 1e6
         lines.append(
-            f"{r['trainable']:<11} {r['rows']:>5} {s['forward']:>14.0f} {s['spsa']:>9.0f} "
-            f"{f['spsa']:>8.2f} {s['lr']:>8.0f} {f['lr']:>6.2f} | {'':>8} {m['forward'] * mb:>7.2f} "
-            f"{m['spsa_queries'] * mb:>7.2f} {m['spsa_step'] * mb:>9.2f} {m['lr_queries'] * mb:>6.2f} "
-            f"{m['lr_step'] * mb:>7.2f} {m['lr_backprop_step'] * mb:>8.2f}"
+            f"{r.get('model', 'tiny'):<22} {r['trainable']:<11} {r['rows']:>4} {params:>6.2f}M "
+            f"{s['forward']:>10.2f} {s['spsa']:>8.2f} {s['lr']:>7.2f} {s['lr2']:>7.2f} "
+            f"{r['rows'] / s['backprop']:>9.3f} | {'':>8} {m['forward'] * mb:>6.1f} "
+            f"{m['spsa_queries'] * mb:>6.1f} {m['lr_step'] * mb:>6.1f} {m['lr2_step'] * mb:>6.1f} "
+            f"{m['lr_backprop_step'] * mb:>6.1f} | {r['lr_step_vs_backprop_memory']:>5.2f} "
+            f"{r['lr2_step_vs_backprop_memory']:>6.2f} {f['lr']:>6.2f} {f['lr2']:>7.2f} "
+            f"{f['spsa']:>8.2f} {r['spsa_queries_vs_forward_memory']:>12.2f}"
         )
     return "\n".join(lines)
 
 
 def _plot(report: dict, path: Path) -> None:
+    """Speed (fraction of inference) and memory ratios per workload, as grouped bars."""
     results = report["results"]
-    modes = list(dict.fromkeys(r["trainable"] for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in modes:
-        rows = [r for r in results if r["trainable"] == mode]
-        sizes = [r["rows"] for r in rows]
-        for name, style in (("spsa", "o-"), ("lr", "s--")):
-            axes[0].plot(
-                sizes,
-                [r["fraction_of_forward"][name] for r in rows],
-                style,
-                label=f"{name} ({mode})",
-            )
-        for key, style in (
-            ("forward", "k:"),
-            ("spsa_queries", "o-"),
-            ("lr_step", "s--"),
-            ("lr_backprop_step", "^-."),
-        ):
-            axes[1].plot(
-                sizes, [r["peak_bytes"][key] / 1e6 for r in rows], style, label=f"{key} ({mode})"
-            )
+    labels = [f"{r.get('model', 'tiny')}\n{r['trainable']} {r['rows']}" for r in results]
+    at = np.arange(len(results))
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 1.2 * len(results)), 4.5))
+    for k, name in enumerate(METHODS[1:]):
+        axes[0].bar(
+            at + (k - 1.5) * 0.2,
+            [r["fraction_of_forward"][name] for r in results],
+            0.2,
+            label=name,
+        )
+    for k, (key, value) in enumerate(
+        (
+            ("spsa queries ÷ inference", lambda r: r["spsa_queries_vs_forward_memory"]),
+            ("lr step ÷ backprop", lambda r: r["lr_step_vs_backprop_memory"]),
+            ("lr2 step ÷ backprop", lambda r: r["lr2_step_vs_backprop_memory"]),
+        )
+    ):
+        axes[1].bar(at + (k - 1) * 0.27, [value(r) for r in results], 0.27, label=key)
     axes[0].axhline(1.0, color="k", lw=0.8)
-    axes[0].set(xscale="log", xlabel="rows per shard", ylabel="queries/s ÷ inference rows/s")
-    axes[1].set(xscale="log", yscale="log", xlabel="rows per shard", ylabel="peak tensor MB")
+    axes[0].set(ylabel="queries/s ÷ inference rows/s")
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].set(ylabel="peak tensor memory ratio")
     for ax in axes:
-        ax.grid(alpha=0.3)
+        ax.set_xticks(at, labels, fontsize=6, rotation=60, ha="right")
+        ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     save_figure(fig, path)
 
@@ -214,6 +336,13 @@ def _plot(report: dict, path: Path) -> None:
 def add_arguments(parser) -> None:
     add_common_arguments(parser, runs=False)
     parser.add_argument("--trainable", default="full,last_blocks", help="comma separated modes")
-    parser.add_argument("--rows", default="16,64,256", help="rows per shard, comma separated")
-    parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions")
+    parser.add_argument(
+        "--models",
+        default=",".join(REAL_MODELS),
+        help="comma separated: timm names, open_clip:<name> (image tower + head), tiny "
+        "(the config's model); name@rows gives that model its own rows per shard",
+    )
+    parser.add_argument("--rows", default="4", help="rows per shard, comma separated")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (e.g. with --rows 64)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

@@ -95,6 +95,7 @@ class EstimatorConfig(_Section):
     sigma: float = Field(0.1, gt=0)  # lr: std of the noise added to layer outputs
     antithetic: bool = True  # lr: queries in (+noise, -noise) pairs
     hook_conv: bool = False  # lr: also inject noise into trainable Conv2d outputs
+    two_pass: bool = False  # lr: a second accumulating forward instead of storing inputs
     shard_rows: int = Field(512, ge=1)  # samples per shard (the unit a worker evaluates)
 
 

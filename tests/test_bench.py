@@ -118,7 +118,8 @@ def test_throughput_quick(tmp_path, digits_dir, capsys):
         # full fine-tuning it trains strictly fewer parameters than spsa
         assert memory["lr_trainable_parameters"] < memory["spsa_trainable_parameters"]
         assert all(
-            memory[k] > 0 for k in ("forward", "spsa_queries", "lr_queries", "lr_backprop_step")
+            memory[k] > 0
+            for k in ("forward", "spsa_queries", "lr_queries", "lr2_queries", "lr_backprop_step")
         )
         # a step holds at least its queries' memory; spsa's queries are inference plus a
         # few perturbation buffers (deterministic byte counts, not timings)
@@ -127,6 +128,9 @@ def test_throughput_quick(tmp_path, digits_dir, capsys):
             and memory["lr_step"] >= memory["lr_queries"]
         )
         assert memory["spsa_queries"] <= 1.2 * memory["forward"]
+        # two_pass keeps no layer input past its layer: below the single pass that keeps them
+        assert memory["lr2_step"] < memory["lr_step"]
+        assert set(result["fraction_of_forward"]) == {"spsa", "lr", "lr2", "backprop"}
     big, small = report["results"][1]["peak_bytes"], report["results"][0]["peak_bytes"]
     assert big["forward"] > small["forward"]  # activations grow with the rows
     assert (out / "throughput.png").is_file()

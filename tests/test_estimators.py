@@ -286,3 +286,93 @@ def test_lr_statistic_is_the_size_of_the_estimate_on_a_conv_model(antithetic):
     diff = stat_sq - grad_sq
     tolerance = 4 * diff.std(ddof=1) / np.sqrt(len(diff)) + 0.02 * grad_sq.mean()
     assert abs(diff.mean()) < tolerance, (stat_sq.mean(), grad_sq.mean(), tolerance)
+
+
+def _stored_noise_gradient(task, estimator, shard):
+    """The former lr product, kept as the reference: every layer's (x, ε) stored during
+    the forward, Σ_r c_r ε_r x_rᵀ formed afterwards from the stored tensors."""
+    from fqa.estimators.lr import _GradientProduct, _NoiseInjector, hooked_modules
+
+    modules = hooked_modules(task.model, False)
+    samples = len(shard)
+    generator = torch.Generator().manual_seed(shard.seed)
+    stored = []
+    injector = _NoiseInjector(
+        modules,
+        estimator.sigma,
+        generator,
+        samples,
+        lambda module, x, noise, state: stored.append((module, x, noise.clone())),
+    )
+    try:
+        losses = task.losses(np.concatenate([shard.ids, shard.ids])).double()
+    finally:
+        injector.remove()
+    advantage = losses - torch.as_tensor(np.tile(shard.baselines, 2))
+    # the pair's two rows share its weight: /2
+    coefficient = advantage * torch.as_tensor(np.tile(shard.weights, 2)) / (2 * estimator.sigma)
+    product = _GradientProduct(modules, coefficient, samples, True)
+    for module, x, noise in stored:
+        product.add(module, x, noise)
+    return product.grads, product.score_sq
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_lr_regenerated_noise_gives_the_stored_noise_estimate(two_pass):
+    """Not storing ε (regenerated from the generator state, or a second accumulating
+    forward) must not change the estimate: float64, against the stored-ε product."""
+    from tests.conftest import make_vit_task
+
+    task = make_vit_task("full")
+    estimator = create_estimator("lr", sigma=0.01, two_pass=two_pass)
+    for frozen in unestimated_parameters(task.model, False):
+        dict(task.model.named_parameters())[frozen].requires_grad_(False)
+    shard = estimator.plan(IDS, np.ones(8, dtype=int), task.prepass(IDS)["loss"], 3, 64)[0]
+    result = estimator.evaluate(task, shard)
+    expected, score_sq = _stored_noise_gradient(task, estimator, shard)
+    assert set(result.grads) == set(expected) and len(expected) > 4
+    for key, grad in expected.items():
+        torch.testing.assert_close(result.grads[key], grad, rtol=1e-12, atol=1e-15)
+    stat = np.abs(result.values) * score_sq.sqrt().numpy() / estimator.sigma
+    np.testing.assert_allclose(result.stat_values, stat, rtol=1e-12)
+
+
+def test_lr_leaves_multihead_attention_out_proj_unhooked():
+    """nn.MultiheadAttention never calls its out_proj Linear: no hook there (it would never
+    fire), and its weights count as unestimated, so they are frozen, not silently zero."""
+    from fqa.estimators.lr import hooked_modules
+
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2), torch.nn.Linear(8, 2))
+    assert [name for name, _ in hooked_modules(model, False)] == ["1"]
+    assert set(unestimated_parameters(model, False)) == {
+        "0.in_proj_weight",
+        "0.in_proj_bias",
+        "0.out_proj.weight",
+        "0.out_proj.bias",
+    }
+
+
+def test_lr_rejects_a_hooked_layer_the_forward_never_calls():
+    from fqa.tasks.base import Task
+
+    class Bypass(torch.nn.Module):  # uses its Linear's weight directly, as MHA does
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.inner.weight, self.inner.bias)
+
+    class Tiny(Task):
+        model = Bypass()
+
+        def losses(self, ids):
+            with torch.inference_mode():
+                return self.model(torch.ones(len(ids), 4)).sum(1)
+
+        prepass = evaluate = train_ids = None
+
+    estimator = create_estimator("lr", sigma=0.1)
+    shard = estimator.plan(np.arange(2), np.ones(2, dtype=int), np.zeros(2), 0, 8)[0]
+    with pytest.raises(ValueError, match="inner.*never called"):
+        estimator.evaluate(Tiny(), shard)

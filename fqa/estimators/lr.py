@@ -27,7 +27,6 @@ from fqa.estimators.base import (
     Update,
     batch_weights,
     chunks,
-    zero_grads,
 )
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
@@ -36,12 +35,18 @@ log = logging.getLogger(__name__)
 
 
 def hooked_modules(model: nn.Module, include_conv: bool) -> list[tuple[str, nn.Module]]:
-    """Linear (and Conv2d) modules that own a trainable parameter, in a fixed order."""
+    """Linear (and Conv2d) modules that own a trainable parameter, in a fixed order.
+
+    nn.MultiheadAttention's ``out_proj`` is a Linear whose forward is never called (the
+    attention uses its weight directly), so a hook there would never fire: it is left
+    out, and counts as unestimated like the attention's own ``in_proj_weight``."""
     kinds = (nn.Linear, nn.Conv2d) if include_conv else (nn.Linear,)
+    never_called = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     return [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, kinds)
+        and id(module) not in never_called
         and any(p.requires_grad for p in module.parameters(recurse=False))
     ]
 
@@ -59,44 +64,86 @@ def unestimated_parameters(model: nn.Module, include_conv: bool) -> list[str]:
 
 
 class _NoiseInjector:
-    """Forward hooks that add σε to each hooked layer's output and remember (x, ε)."""
+    """Forward hooks that add σε to each hooked layer's output and hand each layer's
+    (module, input x, noise ε, generator state before ε) to ``consume``.
 
-    def __init__(self, modules, sigma: float, generator: torch.Generator, pairs: int | None):
+    ε itself is not kept: the gradient regenerates it from the saved generator state,
+    so a query stores only what the product Σ_r c_r ε_r x_rᵀ cannot recompute."""
+
+    def __init__(
+        self, modules, sigma: float, generator: torch.Generator, pairs: int | None, consume
+    ):
         self.sigma = sigma
         self.generator = generator
         self.pairs = pairs  # antithetic: rows = [+ε for pairs] + [−ε for pairs]
-        self.saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+        self.consume = consume
         self.handles = [module.register_forward_hook(self._hook) for _, module in modules]
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        shape = output.shape
         in_place = not (torch.is_grad_enabled() and output.requires_grad)
+        state = self.generator.get_state()
+        noise = _draw_noise(self.generator, output, self.pairs)
         if self.pairs is not None:
-            # only the + half is kept: rows [:pairs] get +σε, rows [pairs:] get −σε
-            noise = torch.randn(
-                (self.pairs, *shape[1:]),
-                generator=self.generator,
-                device=output.device,
-                dtype=output.dtype,
-            )
+            # only the + half is drawn: rows [:pairs] get +σε, rows [pairs:] get −σε
             if in_place:
                 output[: self.pairs].add_(noise, alpha=self.sigma)
                 output[self.pairs :].sub_(noise, alpha=self.sigma)
             else:
                 output = output + self.sigma * torch.cat([noise, -noise])
         else:
-            noise = torch.randn(
-                shape, generator=self.generator, device=output.device, dtype=output.dtype
-            )
             output = (
                 output.add_(noise, alpha=self.sigma) if in_place else output + self.sigma * noise
             )
-        self.saved.append((module, inputs[0], noise))
+        self.consume(module, inputs[0], noise, state)
         return output
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _draw_noise(generator: torch.Generator, output: torch.Tensor, pairs: int | None):
+    """ε for one layer's output (its + half when antithetic); the same generator state
+    and output shape always give the same ε, which is how it is regenerated."""
+    shape = (pairs, *output.shape[1:]) if pairs is not None else output.shape
+    return torch.randn(shape, generator=generator, device=output.device, dtype=output.dtype)
+
+
+class _SavedInputs:
+    """Pass-1 consumer of the single-pass mode: each layer's input and generator state."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Size]] = []
+
+    def __call__(self, module, x, noise, state) -> None:
+        self.saved.append((module, x, state, noise.shape))
+
+    def fired(self) -> set[int]:
+        return {id(entry[0]) for entry in self.saved}
+
+
+class _FiredLayers:
+    """Pass-1 consumer of the two-pass mode: keeps nothing but which layers ran."""
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+
+    def __call__(self, module, x, noise, state) -> None:
+        self.ids.add(id(module))
+
+    def fired(self) -> set[int]:
+        return self.ids
+
+
+def _check_every_hook_fired(modules, fired: set[int]) -> None:
+    """A hooked layer the forward never called would silently get a zero gradient."""
+    silent = [name for name, module in modules if id(module) not in fired]
+    if silent:
+        raise ValueError(
+            f"lr: trainable layers {silent[:3]} ({len(silent)} in all) were never called as "
+            "modules in the forward (their parent uses the weight directly), so their noise "
+            "and gradient would be missing; freeze them (requires_grad=False) or use spsa"
+        )
 
 
 def _row_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -222,18 +269,63 @@ def _score_norm_sq(module: nn.Module, x: torch.Tensor, noise: torch.Tensor) -> t
     return sq
 
 
+class _GradientProduct:
+    """Σ_r c_r ε_r x_rᵀ (and the per-row score norms), accumulated one layer at a time."""
+
+    def __init__(self, modules, coefficient: torch.Tensor, samples: int, antithetic: bool):
+        self.names = {id(module): name for name, module in modules}
+        self.coefficient = coefficient
+        self.samples = samples
+        self.antithetic = antithetic
+        self.grads: dict[str, torch.Tensor] = {}
+        # antithetic: ε and −ε have the same score norm, so + rows only
+        self.score_sq = torch.zeros(samples, dtype=torch.float64, device=coefficient.device)
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+
+    def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        if dtype not in self._cast:  # one conversion per dtype, not per layer
+            c, n = self.coefficient, self.samples
+            self._cast[dtype] = (
+                (c[:n].to(dtype), c[n:].to(dtype), (c[:n] - c[n:]).to(dtype))
+                if self.antithetic
+                else (c.to(dtype),)
+            )
+        return self._cast[dtype]
+
+    def add(self, module: nn.Module, x: torch.Tensor, noise: torch.Tensor, _state=None) -> None:
+        if self.antithetic:
+            layer_grads = _pair_gradient(module, x, noise, self.coefficients)
+            x_score = x[: self.samples]
+        else:
+            weighted = noise * _row_view(self.coefficients(noise.dtype)[0], noise)
+            layer_grads = _layer_gradient(module, x, weighted)
+            x_score = x
+        for pname, grad in layer_grads.items():
+            key = f"{self.names[id(module)]}.{pname}"
+            self.grads[key] = self.grads[key].add_(grad) if key in self.grads else grad
+        self.score_sq += _score_norm_sq(module, x_score, noise)
+
+
 @ESTIMATORS.register("lr")
 class LikelihoodRatioEstimator(Estimator):
     name = "lr"
 
     def __init__(
-        self, sigma: float = 0.1, antithetic: bool = True, hook_conv: bool = False, **_ignored
+        self,
+        sigma: float = 0.1,
+        antithetic: bool = True,
+        hook_conv: bool = False,
+        two_pass: bool = False,
+        **_ignored,
     ):
         if not sigma > 0:
             raise ValueError(f"estimator.sigma={sigma} must be > 0 (typical: 0.01-0.5)")
         self.sigma = sigma
         self.antithetic = antithetic
         self.hook_conv = hook_conv
+        # two_pass: a second, accumulating forward instead of keeping every layer's input
+        # until the loss is known (about 2x the compute, inference-level memory)
+        self.two_pass = two_pass
         self.queries_per_sample = 2 if antithetic else 1
 
     def prepare(self, task: Task) -> None:
@@ -272,13 +364,14 @@ class LikelihoodRatioEstimator(Estimator):
         row_ids = np.concatenate([shard.ids, shard.ids]) if self.antithetic else shard.ids
         device = next(task.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(shard.seed)
-        injector = _NoiseInjector(
-            modules, self.sigma, generator, samples if self.antithetic else None
-        )
+        pairs = samples if self.antithetic else None
+        first = _FiredLayers() if self.two_pass else _SavedInputs()
+        injector = _NoiseInjector(modules, self.sigma, generator, pairs, first)
         try:
             losses = task.losses(row_ids).double()
         finally:
             injector.remove()
+        _check_every_hook_fired(modules, first.fired())
         baselines = torch.as_tensor(
             np.tile(shard.baselines, len(row_ids) // samples), device=losses.device
         )
@@ -290,42 +383,26 @@ class LikelihoodRatioEstimator(Estimator):
             np.tile(shard.weights, len(row_ids) // samples), device=losses.device
         )
         coefficient = advantage * row_weights / (self.sigma * (len(row_ids) // samples))
-
-        grads: dict[str, torch.Tensor] = {}
-        score_rows = samples  # antithetic: ε and −ε have the same score norm, so + rows only
-        score_sq = torch.zeros(score_rows, dtype=torch.float64, device=losses.device)
-        names = {id(module): name for name, module in modules}
-        cast: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
-
-        def coefficients(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-            if dtype not in cast:  # one conversion per dtype, not per layer
-                c = coefficient.to(dtype)
-                cast[dtype] = (
-                    (
-                        c[:samples],
-                        c[samples:],
-                        (coefficient[:samples] - coefficient[samples:]).to(dtype),
-                    )
-                    if self.antithetic
-                    else (c,)
-                )
-            return cast[dtype]
-
-        saved = injector.saved[::-1]
-        injector.saved.clear()
-        while saved:  # forward order; each layer's (x, ε) is freed once it is accumulated
-            module, x, noise = saved.pop()
-            if self.antithetic:
-                layer_grads = _pair_gradient(module, x, noise, coefficients)
-                x_score = x[:samples]
-            else:
-                weighted = noise * _row_view(coefficients(noise.dtype)[0], noise)
-                layer_grads = _layer_gradient(module, x, weighted)
-                x_score = x
-            for pname, grad in layer_grads.items():
-                key = f"{names[id(module)]}.{pname}"
-                grads[key] = grads[key].add_(grad) if key in grads else grad
-            score_sq += _score_norm_sq(module, x_score, noise)
+        product = _GradientProduct(modules, coefficient, samples, self.antithetic)
+        if self.two_pass:
+            # replay the same queries (same seed, so the same ε and the same x) and
+            # accumulate each layer as its hook fires: nothing is stored across layers
+            generator.manual_seed(shard.seed)
+            injector = _NoiseInjector(modules, self.sigma, generator, pairs, product.add)
+            try:
+                task.losses(row_ids)
+            finally:
+                injector.remove()
+        else:
+            saved = first.saved[::-1]
+            first.saved.clear()
+            while saved:  # forward order; each layer's x is freed once it is accumulated
+                module, x, state, shape = saved.pop()
+                generator.set_state(state)
+                noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+                product.add(module, x, noise, state)
+                del x, noise
+        grads, score_sq = product.grads, product.score_sq
 
         if self.antithetic:
             plus, minus = advantage[:samples], advantage[samples:]
@@ -348,7 +425,11 @@ class LikelihoodRatioEstimator(Estimator):
 
     def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:
         """The shards' partial gradient sums, added in plan order (a fixed order keeps
-        every replica's sum bit-identical)."""
+        every replica's sum bit-identical). A single shard's sums are taken over as they
+        are: a copy would double the gradient's memory for nothing."""
+        if len(results) == 1:
+            total = dict(results[0].grads or {})
+            return Update(grads=total, queries=results[0].queries, nonfinite=results[0].nonfinite)
         total: dict[str, torch.Tensor] = {}
         for result in results:
             for key, grad in (result.grads or {}).items():
@@ -360,7 +441,12 @@ class LikelihoodRatioEstimator(Estimator):
         )
 
     def write_grad(self, task: Task, update: Update) -> None:
-        zero_grads(task)
-        params = dict(task.trainable_parameters())
-        for key, grad in update.grads.items():
-            params[key].grad.add_(grad.to(device=params[key].device, dtype=params[key].dtype))
+        """``.grad`` becomes the update's tensor itself when dtype and device match (the
+        update is consumed): a zeroed buffer plus a copy would hold every gradient twice."""
+        for key, param in task.trainable_parameters():
+            grad = update.grads.get(key)
+            param.grad = (
+                torch.zeros_like(param)
+                if grad is None
+                else grad.to(device=param.device, dtype=param.dtype)
+            )
