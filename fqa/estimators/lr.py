@@ -24,6 +24,7 @@ from fqa.estimators.base import (
     ShardResult,
     Update,
     batch_weights,
+    check_weighting,
     chunks,
     zero_grads,
 )
@@ -223,7 +224,12 @@ class LikelihoodRatioEstimator(Estimator):
     name = "lr"
 
     def __init__(
-        self, sigma: float = 0.1, antithetic: bool = True, hook_conv: bool = False, **_ignored
+        self,
+        sigma: float = 0.1,
+        antithetic: bool = True,
+        hook_conv: bool = False,
+        weighting: str = "unbiased",
+        **_ignored,
     ):
         if not sigma > 0:
             raise ValueError(f"estimator.sigma={sigma} must be > 0 (typical: 0.01-0.5)")
@@ -231,11 +237,12 @@ class LikelihoodRatioEstimator(Estimator):
         self.antithetic = antithetic
         self.hook_conv = hook_conv
         self.queries_per_sample = 2 if antithetic else 1
+        self.weighting = check_weighting(weighting)
 
     def plan(self, ids, counts, baselines, seed, shard_rows):
         counts = np.asarray(counts)
         rows = np.repeat(np.arange(len(ids)), counts)  # datapoint i's samples are contiguous
-        weights = batch_weights(counts)[rows]
+        weights = batch_weights(counts, self.weighting)[rows]
         return [
             Shard(
                 derive_seed(seed, "queries", j),
