@@ -96,6 +96,8 @@ class EstimatorConfig(_Section):
     antithetic: bool = True  # lr: queries in (+noise, -noise) pairs
     hook_conv: bool = False  # lr: also inject noise into trainable Conv2d outputs
     two_pass: bool = False  # lr: a second accumulating forward instead of storing inputs
+    # unbiased: 1/(B·n_i) per sample; count: 1/N per sample (the FLOPS code's biased mean)
+    weighting: Literal["unbiased", "count"] = "unbiased"
     shard_rows: int = Field(512, ge=1)  # samples per shard (the unit a worker evaluates)
 
 

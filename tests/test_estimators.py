@@ -376,3 +376,39 @@ def test_lr_rejects_a_hooked_layer_the_forward_never_calls():
     shard = estimator.plan(np.arange(2), np.ones(2, dtype=int), np.zeros(2), 0, 8)[0]
     with pytest.raises(ValueError, match="inner.*never called"):
         estimator.evaluate(Tiny(), shard)
+
+
+@pytest.mark.parametrize("name", list_estimators())
+def test_count_weighting_has_the_count_weighted_expectation(vit_head_task, name, caplog):
+    """``weighting: count`` (the FLOPS code's repeat-and-average) is E = Σ_i (n_i/Σn) g_i.
+
+    The t statistic of the draws' error along the bias direction (closed form − truth)
+    is N(0, 1) against the closed form and large against the true gradient (the head's
+    few, strongly coupled coordinates make the coordinate-wise z test too coarse here).
+    The planned weights are exactly 1/Σn for every sample."""
+    task = vit_head_task
+    _prepare(task, name)
+    with caplog.at_level("WARNING"):
+        estimator = create_estimator(name, weighting="count", **SETTINGS[name])
+    assert "BIASED" in caplog.text
+    counts = np.array([1, 1, 1, 1, 1, 1, 1, 9])
+    per_example = torch.stack([task.autograd_gradient(IDS[i : i + 1]) for i in IDS])
+    weights = torch.as_tensor(counts / counts.sum())
+    closed_form = (weights[:, None] * per_example).sum(0)
+    truth = per_example.mean(0)
+    shards = estimator.plan(IDS, counts, np.zeros(8), seed=0, shard_rows=64)
+    np.testing.assert_allclose(np.concatenate([s.weights for s in shards]), 1 / counts.sum())
+    draws = _draws(task, estimator, reps=200, counts=counts)
+    direction = closed_form - truth
+
+    def t_statistic(reference):
+        projections = (draws - reference) @ direction
+        return float(projections.mean() / (projections.std() / len(projections) ** 0.5))
+
+    assert abs(t_statistic(closed_form)) < 4.0
+    assert t_statistic(truth) > 6.0
+
+
+def test_unknown_weighting_is_rejected_with_the_choices():
+    with pytest.raises(ValueError, match=r"weighting='n'.*'unbiased'.*'count'"):
+        create_estimator("lr", weighting="n")

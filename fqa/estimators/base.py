@@ -5,11 +5,14 @@ cut depends only on the allocation and ``shard_rows``, never on how many process
 them, so the single-process trainer and the cluster produce the same estimate.
 
 Batch estimator (docs/METHOD.md §3): every sample of datapoint i carries the weight
-1/(B·n_i), so each datapoint's estimate is divided by its own sample count.
+1/(B·n_i), so each datapoint's estimate is divided by its own sample count. The
+``count`` weighting (1/N for every sample) exists only to reproduce the FLOPS authors'
+code, which repeats rows and averages: biased towards datapoints given more queries.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -17,6 +20,10 @@ import numpy as np
 import torch
 
 from fqa.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+WEIGHTINGS = ("unbiased", "count")
 
 
 @dataclass(frozen=True)
@@ -104,12 +111,30 @@ class Estimator(ABC):
         return 1.0
 
 
-def batch_weights(counts: np.ndarray) -> np.ndarray:
-    """Weight of one sample of datapoint i in the batch estimator: 1/(B·n_i)."""
+def batch_weights(counts: np.ndarray, weighting: str = "unbiased") -> np.ndarray:
+    """Weight of one sample of datapoint i: 1/(B·n_i) (``unbiased``), or 1/Σn for every
+    sample (``count``: datapoint i weighted by n_i/Σn, a biased estimate)."""
     counts = np.asarray(counts, dtype=np.float64)
     if np.any(counts < 1):
         raise ValueError("every datapoint of the batch needs at least one sample (n_i >= 1)")
+    if weighting == "count":
+        return np.full(len(counts), 1.0 / counts.sum())
     return 1.0 / (len(counts) * counts)
+
+
+def check_weighting(weighting: str) -> str:
+    """Validate ``estimator.weighting``; choosing the biased ``count`` is logged loudly."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(
+            f"estimator.weighting={weighting!r} is not one of {list(WEIGHTINGS)}; "
+            "use 'unbiased' (the estimator) or 'count' (the biased ablation)"
+        )
+    if weighting == "count":
+        log.warning(
+            "estimator.weighting=count: every sample weighted alike, so datapoint i counts "
+            "n_i times — a BIASED gradient (the FLOPS authors' code), for ablations only"
+        )
+    return weighting
 
 
 def chunks(length: int, size: int) -> list[slice]:

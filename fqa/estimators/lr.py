@@ -26,6 +26,7 @@ from fqa.estimators.base import (
     ShardResult,
     Update,
     batch_weights,
+    check_weighting,
     chunks,
 )
 from fqa.seeding import derive_seed
@@ -316,6 +317,7 @@ class LikelihoodRatioEstimator(Estimator):
         antithetic: bool = True,
         hook_conv: bool = False,
         two_pass: bool = False,
+        weighting: str = "unbiased",
         **_ignored,
     ):
         if not sigma > 0:
@@ -327,6 +329,7 @@ class LikelihoodRatioEstimator(Estimator):
         # until the loss is known (about 2x the compute, inference-level memory)
         self.two_pass = two_pass
         self.queries_per_sample = 2 if antithetic else 1
+        self.weighting = check_weighting(weighting)
 
     def prepare(self, task: Task) -> None:
         """LR estimates only the weights of the layers it injects noise into; the rest
@@ -342,7 +345,7 @@ class LikelihoodRatioEstimator(Estimator):
     def plan(self, ids, counts, baselines, seed, shard_rows):
         counts = np.asarray(counts)
         rows = np.repeat(np.arange(len(ids)), counts)  # datapoint i's samples are contiguous
-        weights = batch_weights(counts)[rows]
+        weights = batch_weights(counts, self.weighting)[rows]
         return [
             Shard(
                 derive_seed(seed, "queries", j),

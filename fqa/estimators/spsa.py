@@ -20,6 +20,7 @@ from fqa.estimators.base import (
     ShardResult,
     Update,
     batch_weights,
+    check_weighting,
     chunks,
     zero_grads,
 )
@@ -44,14 +45,15 @@ class SPSAEstimator(Estimator):
     name = "spsa"
     queries_per_sample = 2  # central difference: θ+εu and θ−εu
 
-    def __init__(self, epsilon: float = 1e-3, **_ignored) -> None:
+    def __init__(self, epsilon: float = 1e-3, weighting: str = "unbiased", **_ignored) -> None:
         if not epsilon > 0:
             raise ValueError(f"estimator.epsilon={epsilon} must be > 0 (typical: 1e-3)")
         self.epsilon = epsilon
+        self.weighting = check_weighting(weighting)
 
     def plan(self, ids, counts, baselines, seed, shard_rows):
         counts = np.asarray(counts)
-        weights = batch_weights(counts)
+        weights = batch_weights(counts, self.weighting)
         shards = []
         for k in range(int(counts.max())):
             active = np.flatnonzero(counts > k)
