@@ -40,6 +40,7 @@ def test_data_prepare_writes_parquet_splits(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow  # end to end: pretraining, three runs and the comparison
 def test_train_runs_the_main_job_with_its_comparisons(tmp_path, digits_dir, capsys):
     config = _write_config(tmp_path / "c.yaml", digits_dir, tmp_path / "runs")
     assert main(["train", str(config)]) == 0
