@@ -121,9 +121,7 @@ def measure(config_path: str, trainable: str, rows: int, reps: int, overrides: d
         _clear_grads(t)
         memory[f"{name}_queries"] = peak_bytes(lambda t=t, est=est, s=s: est.evaluate(t, s))
         _clear_grads(t)
-        memory[f"{name}_step"] = peak_bytes(
-            lambda t=t, est=est, s=s: est.estimate(t, [s])
-        )
+        memory[f"{name}_step"] = peak_bytes(lambda t=t, est=est, s=s: est.estimate(t, [s]))
         _clear_grads(t)
         memory[f"{name}_backprop_step"] = peak_bytes(
             lambda t=t, s=s: _backprop_step(t, np.asarray(s.ids))

@@ -140,7 +140,10 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         _truncate_metrics(metrics_path, self.global_step)
         bar = tqdm(
-            total=cfg.steps, initial=self.global_step, disable=not cfg.progress, desc=self.config.run.name
+            total=cfg.steps,
+            initial=self.global_step,
+            disable=not cfg.progress,
+            desc=self.config.run.name,
         )
         with open(metrics_path, "a") as sink:
             while self.global_step < cfg.steps:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fqa.device import resolution
 from fqa.estimators import ESTIMATORS
 from fqa.estimators.base import (
     Estimator,
@@ -27,8 +28,22 @@ from fqa.estimators.base import (
     chunks,
     zero_grads,
 )
+from fqa.noise import parameter_key
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _noise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Noise and gradient products in fp32 when the forward runs in bf16 (autocast)."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """The noise seed of hooked layer ``layer`` in the shard ``seed``: one stream per layer."""
+    k0, k1 = parameter_key(seed, layer)
+    return (k0 << 31) ^ k1
 
 
 def hooked_modules(model: nn.Module, include_conv: bool) -> list[tuple[str, nn.Module]]:
@@ -57,9 +72,11 @@ def unestimated_parameters(model: nn.Module, include_conv: bool) -> list[str]:
 class _NoiseInjector:
     """Forward hooks that add σε to each hooked layer's output and remember (x, ε)."""
 
-    def __init__(self, modules, sigma: float, generator: torch.Generator, pairs: int | None):
+    def __init__(self, modules, sigma: float, seed: int, pairs: int | None):
         self.sigma = sigma
-        self.generator = generator
+        self.seed = seed
+        self.layer = {id(module): index for index, (_, module) in enumerate(modules)}
+        self.generators: dict[int, torch.Generator] = {}
         self.pairs = pairs  # antithetic: rows = [+ε for pairs] + [−ε for pairs]
         self.saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
         self.handles = [module.register_forward_hook(self._hook) for _, module in modules]
@@ -67,25 +84,30 @@ class _NoiseInjector:
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         shape = output.shape
         in_place = not (torch.is_grad_enabled() and output.requires_grad)
+        # each layer its own generator, seeded from (shard seed, layer), on this device:
+        # reproducible per device type; never needs replaying elsewhere (docs/METHOD.md §7)
+        generator = self.generators.get(id(module))
+        if generator is None:
+            generator = torch.Generator(device=output.device)
+            generator.manual_seed(layer_seed(self.seed, self.layer[id(module)]))
+            self.generators[id(module)] = generator
+        dtype = _noise_dtype(output.dtype)
         if self.pairs is not None:
             # only the + half is kept: rows [:pairs] get +σε, rows [pairs:] get −σε
             noise = torch.randn(
-                (self.pairs, *shape[1:]),
-                generator=self.generator,
-                device=output.device,
-                dtype=output.dtype,
+                (self.pairs, *shape[1:]), generator=generator, device=output.device, dtype=dtype
             )
             if in_place:
                 output[: self.pairs].add_(noise, alpha=self.sigma)
                 output[self.pairs :].sub_(noise, alpha=self.sigma)
             else:
-                output = output + self.sigma * torch.cat([noise, -noise])
+                output = output + (self.sigma * torch.cat([noise, -noise])).to(output.dtype)
         else:
-            noise = torch.randn(
-                shape, generator=self.generator, device=output.device, dtype=output.dtype
-            )
+            noise = torch.randn(shape, generator=generator, device=output.device, dtype=dtype)
             output = (
-                output.add_(noise, alpha=self.sigma) if in_place else output + self.sigma * noise
+                output.add_(noise, alpha=self.sigma)
+                if in_place
+                else output + (self.sigma * noise).to(output.dtype)
             )
         self.saved.append((module, inputs[0], noise))
         return output
@@ -212,7 +234,20 @@ class LikelihoodRatioEstimator(Estimator):
             for j, part in enumerate(chunks(len(rows), shard_rows))
         ]
 
+    def check(self, task: Task) -> None:
+        """σ against the compute dtype's resolution at the O(1) scale of normalised
+        activations: below it, y + σε rounds back to y and the query measures nothing."""
+        dtype = task.placement.compute_dtype
+        if self.sigma < resolution(dtype):
+            raise ValueError(
+                f"estimator.sigma={self.sigma} is below the {task.placement.precision} "
+                f"resolution ({resolution(dtype):.3g} at activations of size 1), so the noise "
+                f"would round away; use estimator.sigma >= {resolution(dtype):.3g} or "
+                "run.precision: fp32"
+            )
+
     def evaluate(self, task: Task, shard: Shard) -> ShardResult:
+        self.check(task)
         modules = hooked_modules(task.model, self.hook_conv)
         if not modules:
             raise ValueError(
@@ -221,10 +256,8 @@ class LikelihoodRatioEstimator(Estimator):
             )
         samples = len(shard)
         row_ids = np.concatenate([shard.ids, shard.ids]) if self.antithetic else shard.ids
-        device = next(task.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(shard.seed)
         injector = _NoiseInjector(
-            modules, self.sigma, generator, samples if self.antithetic else None
+            modules, self.sigma, shard.seed, samples if self.antithetic else None
         )
         try:
             losses = task.losses(row_ids).double()
@@ -266,6 +299,7 @@ class LikelihoodRatioEstimator(Estimator):
         injector.saved.clear()
         while saved:  # forward order; each layer's (x, ε) is freed once it is accumulated
             module, x, noise = saved.pop()
+            x = x.to(_noise_dtype(x.dtype))  # fp32 products under bf16 autocast
             if self.antithetic:
                 layer_grads = _pair_gradient(module, x, noise, coefficients)
                 x_score = x[:samples]
@@ -281,10 +315,10 @@ class LikelihoodRatioEstimator(Estimator):
         if self.antithetic:
             plus, minus = advantage[:samples], advantage[samples:]
             signal = (plus - minus) / 2  # the baseline cancels within a pair
-            bad = (bad_rows[:samples] | bad_rows[samples:]).numpy()
+            bad = (bad_rows[:samples] | bad_rows[samples:]).cpu().numpy()
             score = score_sq
         else:
-            signal, bad, score = advantage, bad_rows.numpy(), score_sq
+            signal, bad, score = advantage, bad_rows.cpu().numpy(), score_sq
         # ‖ĝ_sample‖ = |signal|·‖score‖/σ: its second moment is the sample's E‖ĝ‖² ≈ v_i
         stat = (signal.abs() * score.sqrt() / self.sigma).cpu().numpy()
         return ShardResult(
@@ -294,7 +328,7 @@ class LikelihoodRatioEstimator(Estimator):
             stat_values=np.where(bad, 0.0, stat),
             queries=len(row_ids),
             nonfinite=int(bad.sum()),
-            grads=grads,
+            grads={key: grad.cpu() for key, grad in grads.items()},  # to the host once per shard
         )
 
     def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:

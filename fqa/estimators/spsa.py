@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fqa.device import resolution
 from fqa.estimators import ESTIMATORS
 from fqa.estimators.base import (
     Estimator,
@@ -129,6 +130,7 @@ class SPSAEstimator(Estimator):
         self.epsilon = epsilon
         # per model: owners whose parameters must be swapped for the whole query
         self._whole: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+        self._checked: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def plan(self, ids, counts, baselines, seed, shard_rows):
         counts = np.asarray(counts)
@@ -142,7 +144,28 @@ class SPSAEstimator(Estimator):
                 shards.append(Shard(direction_seed, ids[rows], weights[rows], baselines[rows]))
         return shards
 
+    def check(self, task: Task) -> None:
+        """ε against the compute dtype's spacing at the weights' scale: the forward casts
+        θ ± εu to that dtype, and a smaller ε would round back to θ."""
+        if task.model in self._checked:
+            return
+        dtype = task.placement.compute_dtype
+        params = [p.detach() for _, p in task.trainable_parameters()]
+        rms = float(
+            torch.sqrt(sum((p.double() ** 2).sum() for p in params) / self.variance_scale(task))
+        )
+        floor = resolution(dtype) * rms
+        if self.epsilon < floor:
+            raise ValueError(
+                f"estimator.epsilon={self.epsilon} is below the {task.placement.precision} "
+                f"resolution of the trainable weights (rms {rms:.3g}: spacing about {floor:.2g}), "
+                f"so θ ± εu would round back to θ; use estimator.epsilon >= {floor:.2g} or "
+                "run.precision: fp32"
+            )
+        self._checked[task.model] = True
+
     def evaluate(self, task: Task, shard: Shard) -> ShardResult:
+        self.check(task)
         model = PerturbedModel(task, self._whole.setdefault(task.model, set()))
         eps = self.epsilon
         loss_plus = model.query(shard.seed, eps, lambda: task.losses(shard.ids)).double()
