@@ -50,14 +50,14 @@ def test_rademacher_gradient_is_unbiased_with_variance_d_minus_one():
     spread = ((grads - g) ** 2).sum(1).mean()
     tolerance = 5 * (d - 2) * 3**0.5 * float(g @ g) / m**0.5
     assert abs(float(spread) - (d - 1) * float(g @ g)) < tolerance
-    torch.testing.assert_close((grads**2).sum(1), d * p**2)  # ‖ĝ‖² = D·p²: variance_scale
+    torch.testing.assert_close((grads**2).sum(1), d * p**2)  # ‖ĝ‖² = D·p² every draw
 
 
 def test_spsa_variance_scale_is_the_parameter_count(vit_task):
     from fqa.estimators import create_estimator
 
     d = sum(p.numel() for _, p in vit_task.trainable_parameters())
-    assert create_estimator("spsa").variance_scale(vit_task) == float(d)
+    assert create_estimator("spsa").variance_scale(vit_task) == float(d - 1)
 
 
 def test_swapping_per_module_or_for_the_whole_query_gives_identical_losses(vit_task):

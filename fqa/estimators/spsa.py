@@ -152,7 +152,7 @@ class SPSAEstimator(Estimator):
         dtype = task.placement.compute_dtype
         params = [p.detach() for _, p in task.trainable_parameters()]
         rms = float(
-            torch.sqrt(sum((p.double() ** 2).sum() for p in params) / self.variance_scale(task))
+            torch.sqrt(sum((p.double() ** 2).sum() for p in params) / self._dimension(task))
         )
         floor = resolution(dtype) * rms
         if self.epsilon < floor:
@@ -204,5 +204,9 @@ class SPSAEstimator(Estimator):
                 add_direction_(grad, parameter_key(seed, index), coefficient)
 
     def variance_scale(self, task: Task) -> float:
-        """‖ĝ‖² = p²·‖u‖² = D·p² exactly for u ∈ {−1, +1}^D (docs/METHOD.md §7)."""
-        return float(sum(p.numel() for _, p in task.trainable_parameters()))
+        """E‖ĝ − g‖² = (D − 1)·E[p²] for u ∈ {−1, +1}^D (docs/METHOD.md §7)."""
+        return float(max(self._dimension(task) - 1, 1))
+
+    @staticmethod
+    def _dimension(task: Task) -> int:
+        return sum(p.numel() for _, p in task.trainable_parameters())
