@@ -29,32 +29,54 @@ def parameter_key(seed: int, index: int) -> tuple[int, int]:
     return int(k0), int(k1)
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x·c) mod 2³² for x < 2³², split in 16-bit halves so no product reaches 2⁶³."""
-    high = (x * (c >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
-    return (x * (c & 0xFFFF)).add_(high).bitwise_and_(_M32)
+# odd multipliers below 2³¹: a product with x < 2³² stays below 2⁶³ (no int64 overflow)
+_C1, _C2 = 0x7FEB352D, 0x5BD1E995
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (xorshift-multiply), bijective on [0, 2³²)."""
-    x = x.bitwise_xor(x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x.bitwise_xor_(x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    """A 32-bit xorshift-multiply finaliser, bijective on [0, 2³²)."""
+    x = x.bitwise_xor(x >> 16).mul_(_C1).bitwise_and_(_M32)
+    x = x.bitwise_xor_(x >> 15).mul_(_C2).bitwise_and_(_M32)
     return x.bitwise_xor_(x >> 16)
+
+
+def _words_to_bits(words: torch.Tensor, k0, k1) -> torch.Tensor:
+    """uint8 bits of hash(word) (32 per word, bit b of word w is element 32w + b)."""
+    words = _mix32(_mix32(words.bitwise_xor_(k0)).bitwise_xor_(k1))
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=words.device)
+    octets = (words[:, None] >> shifts).bitwise_and_(0xFF).to(torch.uint8)  # [W, 4]
+    bit = torch.arange(8, dtype=torch.uint8, device=words.device)
+    return (octets[:, :, None] >> bit).bitwise_and_(1).flatten()
 
 
 def sign_bits(key: tuple[int, int], start: int, count: int, device) -> torch.Tensor:
     """uint8 {0, 1} for elements [start, start + count) of the stream ``key``."""
     first, last = start // _BITS_PER_WORD, (start + count - 1) // _BITS_PER_WORD
     words = torch.arange(first, last + 1, dtype=torch.int64, device=device)
-    words = _mix32(_mix32(words.bitwise_xor_(key[0])).bitwise_xor_(key[1]))
-    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=device)
-    octets = (words[:, None] >> shifts).bitwise_and_(0xFF).to(torch.uint8)  # [W, 4]
-    bit = torch.arange(8, dtype=torch.uint8, device=device)
-    bits = (octets[:, :, None] >> bit).bitwise_and_(1).flatten()  # element order within a word
+    bits = _words_to_bits(words, key[0], key[1])
     offset = start - first * _BITS_PER_WORD
     return bits[offset : offset + count]
+
+
+def sign_bits_many(keys: list[tuple[int, int]], counts: list[int], device) -> list[torch.Tensor]:
+    """``sign_bits(key, 0, count)`` for many streams in one pass (keys become tensors):
+    the same bits, at the per-call cost of one — what small parameters need."""
+    if not keys:
+        return []
+    n_words = [(count + _BITS_PER_WORD - 1) // _BITS_PER_WORD for count in counts]
+    lengths = torch.tensor(n_words, device=device)
+    starts = torch.cumsum(lengths, 0) - lengths
+    total = int(sum(n_words))
+    words = torch.arange(total, dtype=torch.int64, device=device)
+    words -= torch.repeat_interleave(starts, lengths, output_size=total)
+    k0 = torch.repeat_interleave(
+        torch.tensor([k[0] for k in keys], device=device), lengths, output_size=total
+    )
+    k1 = torch.repeat_interleave(
+        torch.tensor([k[1] for k in keys], device=device), lengths, output_size=total
+    )
+    bits = _words_to_bits(words, k0, k1).split([32 * n for n in n_words])
+    return [b[:count] for b, count in zip(bits, counts, strict=True)]
 
 
 def signed(bits: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -77,6 +99,43 @@ def direction(key: tuple[int, int], shape, device="cpu", dtype=torch.float32) ->
     return add_direction_(torch.zeros(shape, device=device, dtype=dtype), key, 1.0)
 
 
-def perturbed(param: torch.Tensor, key: tuple[int, int], scale: float) -> torch.Tensor:
-    """A new tensor θ + scale·u; θ itself is left untouched (so restoring is exact)."""
-    return add_direction_(param.detach().clone(), key, scale)
+def perturbed(
+    param: torch.Tensor, key: tuple[int, int], scale: float, bits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A new tensor θ + scale·u (``bits``: u's bits if already generated); θ untouched,
+    so restoring is exact."""
+    if bits is None:
+        return add_direction_(param.detach().clone(), key, scale)
+    return param.detach() + signed(bits, scale, param.dtype).view(param.shape)
+
+
+# parameters up to this size get their bits in one batched pass per direction: for
+# them the cost is per-kernel overhead, not per element
+SMALL = 1 << 16
+
+
+class DirectionBits:
+    """The bits of every small parameter of one direction, generated together once."""
+
+    def __init__(self, seed: int, params: list[torch.Tensor]) -> None:
+        small = [j for j, p in enumerate(params) if p.numel() <= SMALL]
+        self.seed = seed
+        self.bits: dict[int, torch.Tensor] = {}
+        by_device: dict[torch.device, list[int]] = {}
+        for j in small:
+            by_device.setdefault(params[j].device, []).append(j)
+        for device, indices in by_device.items():
+            generated = sign_bits_many(
+                [parameter_key(seed, j) for j in indices],
+                [params[j].numel() for j in indices],
+                device,
+            )
+            self.bits.update(zip(indices, generated, strict=True))
+
+    def add_(self, target: torch.Tensor, index: int, scale: float) -> None:
+        """target += scale·u for parameter ``index`` of this direction."""
+        bits = self.bits.get(index)
+        if bits is None:
+            add_direction_(target, parameter_key(self.seed, index), scale)
+        else:
+            target.view(-1).add_(signed(bits, scale, target.dtype))

@@ -33,7 +33,7 @@ from fqa.estimators.base import (
     chunks,
     zero_grads,
 )
-from fqa.noise import add_direction_, parameter_key, perturbed
+from fqa.noise import DirectionBits, parameter_key, perturbed
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
 
@@ -68,13 +68,15 @@ class PerturbedModel:
         self.depth: dict[nn.Module, int] = {}
         self.fired: set[nn.Module] = set()
         self.originals: dict[tuple[nn.Module, str], nn.Parameter] = {}
+        self.params = [p for _, p in task.trainable_parameters()]
+        self.bits: DirectionBits | None = None  # small parameters' bits, per direction
 
     def _swap(self, owner: nn.Module) -> None:
         for attr, index in self.by_owner[owner]:
             original = owner._parameters[attr]
             self.originals[(owner, attr)] = original
             owner._parameters[attr] = perturbed(
-                original, parameter_key(self.seed, index), self.scale
+                original, parameter_key(self.seed, index), self.scale, self.bits.bits.get(index)
             )
 
     def _restore(self, owner: nn.Module) -> None:
@@ -97,6 +99,8 @@ class PerturbedModel:
     def query(self, seed: int, scale: float, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``run()`` (the task's losses) with θ + scale·u(seed); θ exact afterwards."""
         self.seed, self.scale = seed, scale
+        if self.bits is None or self.bits.seed != seed:  # reused by θ+εu and θ−εu
+            self.bits = DirectionBits(seed, self.params)
         while True:
             hooked = [o for o in self.by_owner if self.names[o] not in self.whole]
             handles = [o.register_forward_pre_hook(self._pre) for o in hooked]
@@ -128,8 +132,11 @@ class SPSAEstimator(Estimator):
         if not epsilon > 0:
             raise ValueError(f"estimator.epsilon={epsilon} must be > 0 (typical: 1e-3)")
         self.epsilon = epsilon
-        # per model: owners whose parameters must be swapped for the whole query
-        self._whole: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+        # per model: its hooks' bookkeeping, owners swapped for the whole query, the
+        # current direction's small-parameter bits (shards of a direction are consecutive)
+        self._perturbed: weakref.WeakKeyDictionary[nn.Module, PerturbedModel] = (
+            weakref.WeakKeyDictionary()
+        )
         self._checked: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def plan(self, ids, counts, baselines, seed, shard_rows):
@@ -166,7 +173,10 @@ class SPSAEstimator(Estimator):
 
     def evaluate(self, task: Task, shard: Shard) -> ShardResult:
         self.check(task)
-        model = PerturbedModel(task, self._whole.setdefault(task.model, set()))
+        model = self._perturbed.get(task.model)
+        if model is None:
+            model = PerturbedModel(task, set())
+            self._perturbed[task.model] = model
         eps = self.epsilon
         loss_plus = model.query(shard.seed, eps, lambda: task.losses(shard.ids)).double()
         loss_minus = model.query(shard.seed, -eps, lambda: task.losses(shard.ids)).double()
@@ -200,8 +210,9 @@ class SPSAEstimator(Estimator):
         zero_grads(task)
         grads = [p.grad for _, p in task.trainable_parameters()]
         for seed, coefficient in update.coefficients.items():
+            bits = DirectionBits(seed, grads)
             for index, grad in enumerate(grads):
-                add_direction_(grad, parameter_key(seed, index), coefficient)
+                bits.add_(grad, index, coefficient)
 
     def variance_scale(self, task: Task) -> float:
         """E‖ĝ − g‖² = (D − 1)·E[p²] for u ∈ {−1, +1}^D (docs/METHOD.md §7)."""
