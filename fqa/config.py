@@ -40,6 +40,10 @@ class RunConfig(_Section):
     out_dir: str = "runs"
     seed: int = Field(0, ge=0)  # every random draw (batches, noise, allocator) derives from it
     resume: bool = True  # continue from the run directory's latest checkpoint if present
+    # auto: this worker's GPU when one is visible (Ray assigns it), else the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16: autocast forward passes; fp32 master weights, perturbations and optimizer steps
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     _out_dir = _storage_field("out_dir")
 

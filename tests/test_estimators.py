@@ -8,7 +8,6 @@ import torch
 from fqa.estimators import create_estimator, list_estimators
 from fqa.estimators.base import batch_weights
 from fqa.estimators.lr import unestimated_parameters
-from fqa.estimators.spsa import perturb_
 
 SETTINGS = {"lr": {"sigma": 0.01}, "spsa": {"epsilon": 1e-4}}
 IDS = np.arange(8)
@@ -109,7 +108,7 @@ def test_spsa_restores_parameters_and_reuses_directions(vit_task):
     for shard in shards:
         estimator.evaluate(vit_task, shard)
     for old, (_, new) in zip(before, vit_task.trainable_parameters(), strict=True):
-        torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
+        assert torch.equal(new, old)  # bit-exact: θ is never written during a query
     # every datapoint uses directions 0..n_i-1: a direction's seed appears for each active point
     seeds = {s.seed for s in shards}
     assert len(seeds) == COUNTS.max()
@@ -139,14 +138,7 @@ def test_spsa_restores_parameters_when_a_query_fails(vit_task):
     with pytest.raises(RuntimeError):
         estimator.evaluate(vit_task, shard)
     for old, (_, new) in zip(before, vit_task.trainable_parameters(), strict=True):
-        torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
-
-
-def test_perturbation_is_regenerated_from_the_seed():
-    a, b = torch.zeros(5, 3), torch.zeros(5, 3)
-    perturb_([a], 42, 1.0)
-    perturb_([b], 42, 1.0)
-    assert torch.equal(a, b) and a.abs().sum() > 0
+        assert torch.equal(new, old)  # bit-exact: θ is never written during a query
 
 
 def test_nonfinite_losses_are_counted_and_zeroed(vit_task):
@@ -295,12 +287,11 @@ def _stored_noise_gradient(task, estimator, shard):
 
     modules = hooked_modules(task.model, False)
     samples = len(shard)
-    generator = torch.Generator().manual_seed(shard.seed)
     stored = []
     injector = _NoiseInjector(
         modules,
         estimator.sigma,
-        generator,
+        shard.seed,
         samples,
         lambda module, x, noise, state: stored.append((module, x, noise.clone())),
     )

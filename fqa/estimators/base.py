@@ -78,6 +78,10 @@ class Estimator(ABC):
     ) -> list[Shard]:
         """Cut the batch's samples (counts[i] for datapoint ids[i]) into shards."""
 
+    def check(self, task: Task) -> None:
+        """Refuse settings the task's device/precision cannot honour (before any work)."""
+        return None  # nothing to check by default
+
     @abstractmethod
     def evaluate(self, task: Task, shard: Shard) -> ShardResult:
         """Spend the shard's queries on the task's current parameters (restored afterwards)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fqa.device import resolution
 from fqa.estimators import ESTIMATORS
 from fqa.estimators.base import (
     Estimator,
@@ -29,10 +30,24 @@ from fqa.estimators.base import (
     check_weighting,
     chunks,
 )
+from fqa.noise import parameter_key
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
 
 log = logging.getLogger(__name__)
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _noise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Noise and gradient products in fp32 when the forward runs in bf16 (autocast)."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """The noise seed of hooked layer ``layer`` in the shard ``seed``: one stream per layer."""
+    k0, k1 = parameter_key(seed, layer)
+    return (k0 << 31) ^ k1
 
 
 def hooked_modules(model: nn.Module, include_conv: bool) -> list[tuple[str, nn.Module]]:
@@ -71,29 +86,38 @@ class _NoiseInjector:
     ε itself is not kept: the gradient regenerates it from the saved generator state,
     so a query stores only what the product Σ_r c_r ε_r x_rᵀ cannot recompute."""
 
-    def __init__(
-        self, modules, sigma: float, generator: torch.Generator, pairs: int | None, consume
-    ):
+    def __init__(self, modules, sigma: float, seed: int, pairs: int | None, consume):
         self.sigma = sigma
-        self.generator = generator
+        self.seed = seed
+        self.layer = {id(module): index for index, (_, module) in enumerate(modules)}
+        self.generators: dict[int, torch.Generator] = {}
         self.pairs = pairs  # antithetic: rows = [+ε for pairs] + [−ε for pairs]
         self.consume = consume
         self.handles = [module.register_forward_hook(self._hook) for _, module in modules]
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         in_place = not (torch.is_grad_enabled() and output.requires_grad)
-        state = self.generator.get_state()
-        noise = _draw_noise(self.generator, output, self.pairs)
+        # each layer its own generator, seeded from (shard seed, layer), on this device:
+        # reproducible per device type; never needs replaying elsewhere (docs/METHOD.md §7)
+        generator = self.generators.get(id(module))
+        if generator is None:
+            generator = torch.Generator(device=output.device)
+            generator.manual_seed(layer_seed(self.seed, self.layer[id(module)]))
+            self.generators[id(module)] = generator
+        state = generator.get_state()
+        noise = _draw_noise(generator, output, self.pairs)
         if self.pairs is not None:
             # only the + half is drawn: rows [:pairs] get +σε, rows [pairs:] get −σε
             if in_place:
                 output[: self.pairs].add_(noise, alpha=self.sigma)
                 output[self.pairs :].sub_(noise, alpha=self.sigma)
             else:
-                output = output + self.sigma * torch.cat([noise, -noise])
+                output = output + (self.sigma * torch.cat([noise, -noise])).to(output.dtype)
         else:
             output = (
-                output.add_(noise, alpha=self.sigma) if in_place else output + self.sigma * noise
+                output.add_(noise, alpha=self.sigma)
+                if in_place
+                else output + (self.sigma * noise).to(output.dtype)
             )
         self.consume(module, inputs[0], noise, state)
         return output
@@ -107,7 +131,8 @@ def _draw_noise(generator: torch.Generator, output: torch.Tensor, pairs: int | N
     """ε for one layer's output (its + half when antithetic); the same generator state
     and output shape always give the same ε, which is how it is regenerated."""
     shape = (pairs, *output.shape[1:]) if pairs is not None else output.shape
-    return torch.randn(shape, generator=generator, device=output.device, dtype=output.dtype)
+    dtype = _noise_dtype(output.dtype)  # fp32 noise under bf16 autocast
+    return torch.randn(shape, generator=generator, device=output.device, dtype=dtype)
 
 
 class _SavedInputs:
@@ -294,6 +319,7 @@ class _GradientProduct:
         return self._cast[dtype]
 
     def add(self, module: nn.Module, x: torch.Tensor, noise: torch.Tensor, _state=None) -> None:
+        x = x.to(noise.dtype)  # fp32 products under bf16 autocast
         if self.antithetic:
             layer_grads = _pair_gradient(module, x, noise, self.coefficients)
             x_score = x[: self.samples]
@@ -342,6 +368,18 @@ class LikelihoodRatioEstimator(Estimator):
         if frozen:
             log.info("lr: %d parameter tensors outside Linear layers stay frozen", len(frozen))
 
+    def check(self, task: Task) -> None:
+        """σ against the compute dtype's resolution at the O(1) scale of normalised
+        activations: below it, y + σε rounds back to y and the query measures nothing."""
+        dtype = task.placement.compute_dtype
+        if self.sigma < resolution(dtype):
+            raise ValueError(
+                f"estimator.sigma={self.sigma} is below the {task.placement.precision} "
+                f"resolution ({resolution(dtype):.3g} at activations of size 1), so the noise "
+                f"would round away; use estimator.sigma >= {resolution(dtype):.3g} or "
+                "run.precision: fp32"
+            )
+
     def plan(self, ids, counts, baselines, seed, shard_rows):
         counts = np.asarray(counts)
         rows = np.repeat(np.arange(len(ids)), counts)  # datapoint i's samples are contiguous
@@ -357,6 +395,7 @@ class LikelihoodRatioEstimator(Estimator):
         ]
 
     def evaluate(self, task: Task, shard: Shard) -> ShardResult:
+        self.check(task)
         modules = hooked_modules(task.model, self.hook_conv)
         if not modules:
             raise ValueError(
@@ -365,11 +404,9 @@ class LikelihoodRatioEstimator(Estimator):
             )
         samples = len(shard)
         row_ids = np.concatenate([shard.ids, shard.ids]) if self.antithetic else shard.ids
-        device = next(task.model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(shard.seed)
         pairs = samples if self.antithetic else None
         first = _FiredLayers() if self.two_pass else _SavedInputs()
-        injector = _NoiseInjector(modules, self.sigma, generator, pairs, first)
+        injector = _NoiseInjector(modules, self.sigma, shard.seed, pairs, first)
         try:
             losses = task.losses(row_ids).double()
         finally:
@@ -390,8 +427,7 @@ class LikelihoodRatioEstimator(Estimator):
         if self.two_pass:
             # replay the same queries (same seed, so the same ε and the same x) and
             # accumulate each layer as its hook fires: nothing is stored across layers
-            generator.manual_seed(shard.seed)
-            injector = _NoiseInjector(modules, self.sigma, generator, pairs, product.add)
+            injector = _NoiseInjector(modules, self.sigma, shard.seed, pairs, product.add)
             try:
                 task.losses(row_ids)
             finally:
@@ -401,8 +437,10 @@ class LikelihoodRatioEstimator(Estimator):
             first.saved.clear()
             while saved:  # forward order; each layer's x is freed once it is accumulated
                 module, x, state, shape = saved.pop()
+                generator = torch.Generator(device=x.device)
                 generator.set_state(state)
-                noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+                dtype = _noise_dtype(x.dtype)
+                noise = torch.randn(shape, generator=generator, device=x.device, dtype=dtype)
                 product.add(module, x, noise, state)
                 del x, noise
         grads, score_sq = product.grads, product.score_sq
@@ -410,10 +448,10 @@ class LikelihoodRatioEstimator(Estimator):
         if self.antithetic:
             plus, minus = advantage[:samples], advantage[samples:]
             signal = (plus - minus) / 2  # the baseline cancels within a pair
-            bad = (bad_rows[:samples] | bad_rows[samples:]).numpy()
+            bad = (bad_rows[:samples] | bad_rows[samples:]).cpu().numpy()
             score = score_sq
         else:
-            signal, bad, score = advantage, bad_rows.numpy(), score_sq
+            signal, bad, score = advantage, bad_rows.cpu().numpy(), score_sq
         # ‖ĝ_sample‖ = |signal|·‖score‖/σ: its second moment is the sample's E‖ĝ‖² ≈ v_i
         stat = (signal.abs() * score.sqrt() / self.sigma).cpu().numpy()
         return ShardResult(
@@ -423,7 +461,7 @@ class LikelihoodRatioEstimator(Estimator):
             stat_values=np.where(bad, 0.0, stat),
             queries=len(row_ids),
             nonfinite=int(bad.sum()),
-            grads=grads,
+            grads={key: grad.cpu() for key, grad in grads.items()},  # to the host once per shard
         )
 
     def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:

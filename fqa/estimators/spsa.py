@@ -1,8 +1,13 @@
 """Weight perturbation (SPSA / MeZO style): two loss-only queries per sample.
 
-p = (l(θ+εu) − l(θ−εu)) / 2ε, ĝ = p·u. The direction u is regenerated from its seed
-whenever it is needed — to perturb, to restore, to build the gradient — so it is never
-stored or sent, and a worker's result is (seed, id, p): a few bytes per query.
+p = (l(θ+εu) − l(θ−εu)) / 2ε, ĝ = p·u, with Rademacher directions u ∈ {−1, +1}^D
+regenerated from the direction's seed by an integer hash (fqa/noise.py) whenever they
+are needed — to perturb and to build the gradient — so they are never stored or sent,
+and a worker's result is (seed, id, p): a few bytes per query.
+
+θ itself is never modified: while a module runs, its parameters are swapped for a
+perturbed copy (θ ± εu, one module at a time) and swapped back afterwards, so the
+restore is exact by construction and the only extra memory is one module's weights.
 
 All datapoints whose count exceeds k share direction k (one perturbed model, one
 batched forward per shard), which is what makes a query as cheap as inference.
@@ -10,9 +15,14 @@ batched forward per shard), which is what makes a query as cheap as inference.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import numpy as np
 import torch
+from torch import nn
 
+from fqa.device import resolution
 from fqa.estimators import ESTIMATORS
 from fqa.estimators.base import (
     Estimator,
@@ -24,20 +34,94 @@ from fqa.estimators.base import (
     chunks,
     zero_grads,
 )
+from fqa.noise import DirectionBits, parameter_key, perturbed
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
 
 
-def perturb_(params: list[torch.Tensor], seed: int, scale: float) -> None:
-    """θ += scale·u(seed), in place, regenerating u parameter by parameter."""
-    generator = None
-    for param in params:
-        if generator is None or generator.device != param.device:
-            generator = torch.Generator(device=param.device).manual_seed(seed)
-        noise = torch.randn(
-            param.shape, generator=generator, device=param.device, dtype=param.dtype
-        )
-        param.data.add_(noise, alpha=scale)
+def _owners(task: Task) -> list[tuple[nn.Module, str, int]]:
+    """(owning module, attribute, stream index) of every trainable parameter."""
+    owners = []
+    for index, (name, _) in enumerate(task.trainable_parameters()):
+        path, _, attr = name.rpartition(".")
+        owners.append((task.model.get_submodule(path), attr, index))
+    return owners
+
+
+class PerturbedModel:
+    """During a query the model computes with θ + scale·u(seed); θ is never written.
+
+    Each owning module's trainable parameters are replaced (in ``module._parameters``)
+    by a perturbed copy from its forward pre-hook and put back by its forward hook.
+    Parameters whose module is never called — read directly by the task, like a
+    prompt context — are swapped for the whole query instead (``whole``); a query in
+    which some owner did not run is repeated with those owners moved there, so the
+    result never depends on which path a parameter took."""
+
+    def __init__(self, task: Task, whole: set[str]) -> None:
+        self.model = task.model
+        self.by_owner: dict[nn.Module, list[tuple[str, int]]] = {}
+        for owner, attr, index in _owners(task):
+            self.by_owner.setdefault(owner, []).append((attr, index))
+        self.names = {module: name for name, module in task.model.named_modules()}
+        self.whole = whole  # owner names swapped for the whole query (shared cache)
+        self.seed, self.scale = 0, 0.0
+        self.depth: dict[nn.Module, int] = {}
+        self.fired: set[nn.Module] = set()
+        self.originals: dict[tuple[nn.Module, str], nn.Parameter] = {}
+        self.params = [p for _, p in task.trainable_parameters()]
+        self.bits: DirectionBits | None = None  # small parameters' bits, per direction
+
+    def _swap(self, owner: nn.Module) -> None:
+        for attr, index in self.by_owner[owner]:
+            original = owner._parameters[attr]
+            self.originals[(owner, attr)] = original
+            owner._parameters[attr] = perturbed(
+                original, parameter_key(self.seed, index), self.scale, self.bits.bits.get(index)
+            )
+
+    def _restore(self, owner: nn.Module) -> None:
+        for attr, _ in self.by_owner[owner]:
+            original = self.originals.pop((owner, attr), None)
+            if original is not None:
+                owner._parameters[attr] = original
+
+    def _pre(self, owner: nn.Module, _inputs) -> None:
+        self.fired.add(owner)
+        self.depth[owner] = self.depth.get(owner, 0) + 1
+        if self.depth[owner] == 1:
+            self._swap(owner)
+
+    def _post(self, owner: nn.Module, _inputs, _output) -> None:
+        self.depth[owner] -= 1
+        if self.depth[owner] == 0:
+            self._restore(owner)
+
+    def query(self, seed: int, scale: float, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``run()`` (the task's losses) with θ + scale·u(seed); θ exact afterwards."""
+        self.seed, self.scale = seed, scale
+        if self.bits is None or self.bits.seed != seed:  # reused by θ+εu and θ−εu
+            self.bits = DirectionBits(seed, self.params)
+        while True:
+            hooked = [o for o in self.by_owner if self.names[o] not in self.whole]
+            handles = [o.register_forward_pre_hook(self._pre) for o in hooked]
+            handles += [o.register_forward_hook(self._post, always_call=True) for o in hooked]
+            self.fired.clear()
+            try:
+                for owner in self.by_owner:
+                    if self.names[owner] in self.whole:
+                        self._swap(owner)
+                losses = run()
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for owner in self.by_owner:
+                    self._restore(owner)
+                self.depth.clear()
+            silent = {self.names[o] for o in hooked if o not in self.fired}
+            if not silent:
+                return losses
+            self.whole |= silent  # read outside their module's forward: swap them throughout
 
 
 @ESTIMATORS.register("spsa")
@@ -50,6 +134,12 @@ class SPSAEstimator(Estimator):
             raise ValueError(f"estimator.epsilon={epsilon} must be > 0 (typical: 1e-3)")
         self.epsilon = epsilon
         self.weighting = check_weighting(weighting)
+        # per model: its hooks' bookkeeping, owners swapped for the whole query, the
+        # current direction's small-parameter bits (shards of a direction are consecutive)
+        self._perturbed: weakref.WeakKeyDictionary[nn.Module, PerturbedModel] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._checked: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     def plan(self, ids, counts, baselines, seed, shard_rows):
         counts = np.asarray(counts)
@@ -63,21 +153,36 @@ class SPSAEstimator(Estimator):
                 shards.append(Shard(direction_seed, ids[rows], weights[rows], baselines[rows]))
         return shards
 
+    def check(self, task: Task) -> None:
+        """ε against the compute dtype's spacing at the weights' scale: the forward casts
+        θ ± εu to that dtype, and a smaller ε would round back to θ."""
+        if task.model in self._checked:
+            return
+        dtype = task.placement.compute_dtype
+        params = [p.detach() for _, p in task.trainable_parameters()]
+        rms = float(
+            torch.sqrt(sum((p.double() ** 2).sum() for p in params) / self._dimension(task))
+        )
+        floor = resolution(dtype) * rms
+        if self.epsilon < floor:
+            raise ValueError(
+                f"estimator.epsilon={self.epsilon} is below the {task.placement.precision} "
+                f"resolution of the trainable weights (rms {rms:.3g}: spacing about {floor:.2g}), "
+                f"so θ ± εu would round back to θ; use estimator.epsilon >= {floor:.2g} or "
+                "run.precision: fp32"
+            )
+        self._checked[task.model] = True
+
     def evaluate(self, task: Task, shard: Shard) -> ShardResult:
-        params = [p for _, p in task.trainable_parameters()]
+        self.check(task)
+        model = self._perturbed.get(task.model)
+        if model is None:
+            model = PerturbedModel(task, set())
+            self._perturbed[task.model] = model
         eps = self.epsilon
-        offset = 0.0  # how far θ currently is from its true value, in units of u
-        try:
-            perturb_(params, shard.seed, eps)
-            offset = eps
-            loss_plus = task.losses(shard.ids).double()
-            perturb_(params, shard.seed, -2 * eps)
-            offset = -eps
-            loss_minus = task.losses(shard.ids).double()
-        finally:
-            if offset:
-                perturb_(params, shard.seed, -offset)  # restore θ even if a query raised
-        projected = ((loss_plus - loss_minus) / (2 * eps)).numpy()
+        loss_plus = model.query(shard.seed, eps, lambda: task.losses(shard.ids)).double()
+        loss_minus = model.query(shard.seed, -eps, lambda: task.losses(shard.ids)).double()
+        projected = ((loss_plus - loss_minus) / (2 * eps)).cpu().numpy()  # one host copy
         bad = ~np.isfinite(projected)
         projected = np.where(bad, 0.0, projected)
         return ShardResult(
@@ -88,18 +193,6 @@ class SPSAEstimator(Estimator):
             queries=2 * len(shard),
             nonfinite=int(bad.sum()),
         )
-
-    def evaluate_exactly(self, task: Task, shard: Shard) -> ShardResult:
-        # θ+εu−2εu+εu leaves float round-off that depends on which shards a replica
-        # happened to evaluate; restoring the saved bytes keeps replicas bit-identical
-        params = [p for _, p in task.trainable_parameters()]
-        saved = [p.detach().clone() for p in params]
-        try:
-            return self.evaluate(task, shard)
-        finally:
-            with torch.no_grad():
-                for param, value in zip(params, saved, strict=True):
-                    param.copy_(value)
 
     def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:
         """c_k = Σ over direction k's samples of p·1/(B·n_i), summed in plan order."""
@@ -115,11 +208,18 @@ class SPSAEstimator(Estimator):
         )
 
     def write_grad(self, task: Task, update: Update) -> None:
-        """ĝ = Σ_k c_k u_k, each direction regenerated from its seed."""
+        """ĝ = Σ_k c_k u_k, each direction regenerated from its seed on the grad's device."""
         zero_grads(task)
         grads = [p.grad for _, p in task.trainable_parameters()]
         for seed, coefficient in update.coefficients.items():
-            perturb_(grads, seed, coefficient)
+            bits = DirectionBits(seed, grads)
+            for index, grad in enumerate(grads):
+                bits.add_(grad, index, coefficient)
 
     def variance_scale(self, task: Task) -> float:
-        return float(sum(p.numel() for _, p in task.trainable_parameters()) + 1)
+        """E‖ĝ − g‖² = (D − 1)·E[p²] for u ∈ {−1, +1}^D (docs/METHOD.md §7)."""
+        return float(max(self._dimension(task) - 1, 1))
+
+    @staticmethod
+    def _dimension(task: Task) -> int:
+        return sum(p.numel() for _, p in task.trainable_parameters())

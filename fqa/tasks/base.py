@@ -12,9 +12,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fqa.device import CPU, Placement
+
 
 class Task(ABC):
     model: nn.Module
+    # device and precision of the model, batches and noise (estimators read it)
+    placement: Placement = CPU
 
     @abstractmethod
     def losses(self, ids: np.ndarray) -> torch.Tensor:

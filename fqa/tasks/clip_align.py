@@ -33,6 +33,7 @@ from torch import nn
 from fqa.captions import captions_of, class_names_of, class_prompts
 from fqa.config import Config
 from fqa.data import ImageDataset
+from fqa.device import cpu_only
 from fqa.tasks.base import Task
 from fqa.tasks.clip_models import (
     context_length,
@@ -228,7 +229,7 @@ class ClipAlignTask(Task):
             _, all_text = self._embedded("train", groups.reshape(-1))
             sims = torch.einsum("re,rge->rg", image, all_text.view(*groups.shape, -1))
             correct = groups[torch.arange(len(groups)), sims.argmax(1)] == positions
-        return {"loss": loss.double().numpy(), "correct": correct.numpy()}
+        return {"loss": loss.double().cpu().numpy(), "correct": correct.cpu().numpy()}
 
     def _embedded(self, split: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image, text = self._tower_features(split, rows)
@@ -253,7 +254,7 @@ class ClipAlignTask(Task):
             metrics = {"loss": loss, **retrieval_recall(image, text, self._captions[split])}
             labels = self._labels[split]
             if labels is not None:
-                predicted = (image @ self.class_text_features().T).argmax(1).numpy()
+                predicted = (image @ self.class_text_features().T).argmax(1).cpu().numpy()
                 metrics["accuracy"] = float((predicted == labels).mean())
         return metrics
 
@@ -269,6 +270,7 @@ def clip_from_config(config: Config) -> nn.Module:
 
 def build_clip_align_task(config: Config, splits: dict[str, ImageDataset]) -> ClipAlignTask:
     task_cfg, mode = config.task, config.trainable.mode
+    cpu_only(config.run.device, config.run.precision, "task.name=clip_align")
     if mode not in ("head", "full"):
         raise ValueError(
             f"trainable.mode={mode!r} is not supported by clip_align; use 'head' (alignment "

@@ -25,6 +25,7 @@ from torch import nn
 from fqa.captions import class_names_of
 from fqa.config import Config
 from fqa.data import ImageDataset
+from fqa.device import cpu_only
 from fqa.tasks.base import Task
 from fqa.tasks.clip_align import clip_from_config
 from fqa.tasks.clip_models import context_length, encode_images, tokenizer_for
@@ -132,7 +133,7 @@ class ClipPromptTask(Task):
 
     def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         out = self.black_box.query(self.model.ctx.detach(), "train", self._rows(ids))
-        return {"loss": out["loss"].double().numpy(), "correct": out["correct"].numpy()}
+        return {"loss": out["loss"].double().cpu().numpy(), "correct": out["correct"].cpu().numpy()}
 
     def evaluate(self, split: str) -> dict[str, float]:
         rows = torch.arange(len(self._splits[split]))
@@ -165,6 +166,7 @@ class ClipPromptTask(Task):
 
 def build_clip_prompt_task(config: Config, splits: dict[str, ImageDataset]) -> ClipPromptTask:
     task_cfg = config.task
+    cpu_only(config.run.device, config.run.precision, "task.name=clip_prompt")
     if config.estimator.name != "spsa":
         raise ValueError(
             f"clip_prompt treats the model as a black box that returns only losses; "

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fqa.config import Config
 from fqa.data import ImageDataset
+from fqa.device import CPU, Placement, resolve
 from fqa.tasks.base import Task
 from fqa.tasks.models import create_timm_model, load_weights
 from fqa.tasks.trainable import add_lora, select_trainable
@@ -31,13 +32,16 @@ class ImageClassificationTask(Task):
         splits: dict[str, ImageDataset],
         input_size: int,
         eval_batch: int = 512,
+        placement: Placement = CPU,
     ) -> None:
-        self.model = model.eval()
+        self.placement = placement
+        self.model = model.eval().to(placement.device)  # fp32 master weights
         self.eval_batch = eval_batch
         self.input_size = input_size
-        # in-memory splits are prepared once; lazy ones (fqa.lazy_data) per batch read
+        # in-memory splits are prepared once and stay on the host (pinned for a GPU);
+        # lazy ones (fqa.lazy_data) are read per batch; each batch is copied non-blocking
         self._inputs = {
-            name: _prepare_images(ds.images, input_size)
+            name: placement.host(_prepare_images(ds.images, input_size))
             for name, ds in splits.items()
             if not hasattr(ds, "images_at")
         }
@@ -58,31 +62,36 @@ class ImageClassificationTask(Task):
         positions = self._splits[split].positions(
             torch.as_tensor(np.asarray(ids), dtype=torch.long)
         )
-        return self._inputs_at(split, positions), self._labels[split][positions]
+        put = self.placement.put
+        return put(self._inputs_at(split, positions)), put(self._labels[split][positions])
 
     def _inputs_at(self, split: str, positions: torch.Tensor) -> torch.Tensor:
         if split in self._inputs:
             return self._inputs[split][positions]
         return _prepare_images(self._splits[split].images_at(positions), self.input_size)
 
+    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        with self.placement.autocast():
+            return self.model(inputs).float()  # the loss in fp32 whatever the compute dtype
+
     def losses(self, ids: np.ndarray) -> torch.Tensor:
         inputs, labels = self._rows(ids)
         with torch.inference_mode():
-            return F.cross_entropy(self.model(inputs), labels, reduction="none")
+            return F.cross_entropy(self._logits(inputs), labels, reduction="none")
 
     def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         inputs, labels = self._rows(ids)
         with torch.inference_mode():
-            logits = self.model(inputs)
+            logits = self._logits(inputs)
             loss = F.cross_entropy(logits, labels, reduction="none")
-        return {
-            "loss": loss.double().numpy(),
-            "correct": (logits.argmax(-1) == labels).numpy(),
+        return {  # one host copy per batch
+            "loss": loss.double().cpu().numpy(),
+            "correct": (logits.argmax(-1) == labels).cpu().numpy(),
         }
 
     def backprop_loss(self, ids: np.ndarray) -> torch.Tensor:
         inputs, labels = self._rows(ids)
-        return F.cross_entropy(self.model(inputs), labels)
+        return F.cross_entropy(self._logits(inputs), labels)
 
     def evaluate(self, split: str) -> dict[str, float]:
         labels = self._labels[split]
@@ -90,8 +99,9 @@ class ImageClassificationTask(Task):
         with torch.inference_mode():
             for start in range(0, len(labels), self.eval_batch):
                 rows = torch.arange(start, min(start + self.eval_batch, len(labels)))
-                logits = self.model(self._inputs_at(split, rows))
-                target = labels[rows]
+                put = self.placement.put
+                logits = self._logits(put(self._inputs_at(split, rows)))
+                target = put(labels[rows])
                 total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
                 correct += int((logits.argmax(-1) == target).sum())
         n = max(len(labels), 1)
@@ -105,6 +115,7 @@ def build_image_task(
     estimator_name: str | None = None,
 ) -> ImageClassificationTask:
     """Model by name, weights from a local file, trainable selection, all from the config."""
+    placement = resolve(config.run.device, config.run.precision)  # fails before any work
     torch.manual_seed(config.run.seed)  # model initialisation is part of the run's seed
     model = create_timm_model(
         config.model.name, num_classes, config.model.kwargs, config.model.pretrained
@@ -123,4 +134,4 @@ def build_image_task(
     names = select_trainable(model, config.trainable.mode, config.trainable.blocks)
     if not names:
         raise ValueError("no trainable parameters selected; check trainable.mode")
-    return ImageClassificationTask(model, splits, config.model.input_size)
+    return ImageClassificationTask(model, splits, config.model.input_size, placement=placement)
