@@ -32,10 +32,10 @@ from fqa.config import Config, load_config, with_overrides
 class BenchWorker(QueryWorker):
     def throughput(self, shard, reps: int) -> dict[str, float]:
         """spsa queries/s on ``shard`` and plain forward rows/s on the same rows."""
-        self.evaluate(shard)  # warm-up
+        self.evaluate(shard, 0)  # warm-up (a fresh replica holds step 0)
         started, queries = time.perf_counter(), 0
         for _ in range(reps):
-            queries += self.evaluate(shard).queries
+            queries += self.evaluate(shard, 0).queries
         spsa_s = time.perf_counter() - started
         x, _ = self.task._rows(np.array(shard.ids))
         with torch.inference_mode():
