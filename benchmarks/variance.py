@@ -5,11 +5,17 @@ allocator, the error ‖ĝ − g‖² against the autograd batch gradient is ave
 repetitions (the estimator is unbiased, so this is its variance). The oracle knows
 the true per-datapoint v_i; the learned allocators see only statistics gathered on
 earlier batches, by ordinary training steps (``Trainer.step()``) that also move the
-model (docs/METHOD.md §4); the measurement then holds the model fixed. ``gaussian`` is the learned allocator as it is after
-the online learning steps (one Adam step per training step, as in training);
+model (docs/METHOD.md §4); the measurement then holds the model fixed. ``loss_curve`` and
+``gaussian`` are the learned allocators as they are after the online learning steps (one
+update per training step, as in training);
 ``gaussian_fit`` is the same allocator after further offline Adam passes over the
 recorded history (the learning steps' batches, scored with the final statistics: no
-query is spent and nothing of the evaluated batch's repetitions is seen). Standard
+query is spent and nothing of the evaluated batch's repetitions is seen). The hindsight
+ceilings are the best allocation of a loss-only family computed with the true v_i of the
+evaluated batch: ``ceiling_gaussian`` (the gaussian family fitted to them) and
+``ceiling_monotone`` (the best allocation non-decreasing, or non-increasing, in loss).
+``expected share`` is the share of the oracle's reduction in E Σ v_i/n_i computed from
+the true v_i (no repetition noise). Standard
 errors: of each mean error over repetitions, and of the share of the oracle's reduction
 by bootstrap over repetitions. Writes variance.json and variance.png.
 """
@@ -24,7 +30,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import add_common_arguments, save_figure, write_report
-from fqa.allocators import AllocationRequest, create_allocator
+from fqa.allocators import Allocation, AllocationRequest, Allocator, create_allocator
+from fqa.allocators.isotonic import isotonic
+from fqa.allocators.rounding import round_to_budget, water_fill
 from fqa.backprop import ensure_pretrained, train_backprop
 from fqa.config import load_config, with_overrides
 from fqa.plots import plt
@@ -33,7 +41,19 @@ from fqa.seeding import derive_seed
 from fqa.stats import DatapointStats
 from fqa.trainer import Trainer
 
-ALLOCATORS = ("uniform", "bernoulli", "neyman", "gaussian", "gaussian_fit", "oracle")
+ALLOCATORS = (
+    "uniform",
+    "bernoulli",
+    "neyman",
+    "gaussian",
+    "gaussian_fit",
+    "loss_curve",
+    "ceiling_gaussian",
+    "ceiling_monotone",
+    "oracle",
+)
+LEARNED = ("gaussian", "loss_curve")  # learned online, overhead measured at B=64
+HINDSIGHT_PASSES = 500  # Adam steps of ceiling_gaussian on the true variances
 
 
 def _flat_grad(params) -> torch.Tensor:
@@ -102,14 +122,57 @@ class RecordingAllocator:
         return getattr(self.inner, name)
 
 
+class _Hindsight(Allocator):
+    """Benchmark-only: the best allocation of a loss-only family, given the true v_i."""
+
+    needs_oracle = True
+
+    def __init__(self, name: str, weights) -> None:
+        self.name = name
+        self.weights = weights  # request -> sqrt-variance weights for water-filling
+
+    def allocate(self, request: AllocationRequest) -> Allocation:
+        continuous = water_fill(self.weights(request), request.budget, request.n_min)
+        rng = np.random.default_rng(request.seed)
+        counts = round_to_budget(continuous, request.budget, request.n_min, rng)
+        return Allocation(counts, continuous)
+
+
+def monotone_ceiling_weights(request: AllocationRequest) -> np.ndarray:
+    """sqrt of the isotonic regression of the true v on loss (the better direction):
+    n ∝ this is the best allocation monotone in loss (fqa/allocators/isotonic.py)."""
+    v, losses = np.asarray(request.oracle_variance), np.asarray(request.losses)
+    order = np.argsort(losses, kind="stable")
+    best, best_cost = None, np.inf
+    for direction in (order, order[::-1]):
+        pooled = np.empty(len(v))
+        pooled[direction] = isotonic(v[direction])
+        weights = np.sqrt(pooled)
+        cost = float((v / water_fill(weights, request.budget, request.n_min)).sum())
+        if cost < best_cost:
+            best, best_cost = weights, cost
+    return best
+
+
+def gaussian_ceiling(request: AllocationRequest) -> Allocator:
+    """The gaussian family's parameters fitted to the evaluated batch's true variances."""
+    allocator = create_allocator("gaussian")
+    for k in range(HINDSIGHT_PASSES):
+        fit = replace(request, seed=2_000_000 + k)  # ξ draws apart from the reps' seeds
+        allocator.update(fit, allocator.allocate(fit), np.asarray(request.oracle_variance))
+    return allocator
+
+
 def learn_allocators(
-    trainer: Trainer, steps: int, progress: bool
+    trainer: Trainer, steps: int, progress: bool, shadows: dict[str, Allocator]
 ) -> tuple[DatapointStats, dict, float, list[AllocationRequest]]:
     """Gather statistics and fit the gaussian allocator with training steps
     (``Trainer.step()``, exactly as in training).
 
-    Returns the statistics, the gaussian allocator's state, the allocation overhead
-    (plan + learn time as a fraction of step time) and the steps' requests.
+    ``shadows`` learn online from the same steps' statistics (their updates read only
+    the measured second moments, not their own counts). Returns the statistics, the
+    gaussian allocator's state, the allocation overhead (plan + learn time as a
+    fraction of step time) and the steps' requests.
     """
     recorder = RecordingAllocator(trainer.planner.allocator)
     trainer.planner.allocator = recorder
@@ -119,6 +182,10 @@ def learn_allocators(
             metrics = trainer.step()
             allocator_seconds += metrics["plan_seconds"] + metrics["learn_seconds"]
             step_seconds += metrics["step_seconds"]
+            request = recorder.requests[-1]
+            measured = trainer.stats.lookup(request.ids)[2] * trainer.variance_scale
+            for shadow in shadows.values():
+                shadow.update(request, shadow.allocate(request), measured)
             bar.update(1)
     trainer.planner.allocator = recorder.inner
     return (
@@ -127,6 +194,34 @@ def learn_allocators(
         allocator_seconds / max(step_seconds, 1e-12),
         recorder.requests,
     )
+
+
+def measure_overhead(config, name: str, batch_size: int, steps: int) -> dict:
+    """Allocation overhead of allocator ``name`` in training steps at ``batch_size``:
+    planning (statistics lookup, allocation, sharding) plus learning (statistics update,
+    allocator update), as a fraction of the whole step (pre-pass, queries, optimizer)."""
+    config = with_overrides(
+        config,
+        {
+            "allocator.name": name,
+            "train.batch_size": batch_size,
+            "run.name": f"{config.run.name}-overhead-{name}",
+        },
+    )
+    trainer = Trainer(config)
+    overhead, total = 0.0, 0.0
+    for step in range(steps):
+        metrics = trainer.step()
+        if step >= 2:  # the first steps warm caches and grow the statistics arrays
+            total += metrics["step_seconds"]
+            overhead += metrics["plan_seconds"] + metrics.get("learn_seconds", 0.0)
+    return {
+        "allocator": name,
+        "batch_size": batch_size,
+        "steps": steps,
+        "overhead": overhead / max(total, 1e-12),
+        "ms_per_step": 1000 * overhead / max(steps - 2, 1),
+    }
 
 
 def refit_gaussian(
@@ -185,8 +280,9 @@ def run_one_estimator(args, estimator: str) -> dict:
     trainer = Trainer(config)
     # "partially trained": a few backpropagation steps so per-datapoint gradients differ
     train_backprop(trainer.task, config, 5 if args.quick else 60, progress=False)
+    shadows = {"loss_curve": create_allocator("loss_curve")}
     stats, gaussian_state, overhead, history = learn_allocators(
-        trainer, args.learn_steps, not args.quick
+        trainer, args.learn_steps, not args.quick, shadows
     )
     fitted_state = refit_gaussian(
         gaussian_state, history, stats, trainer.variance_scale, args.fit_passes
@@ -206,33 +302,43 @@ def run_one_estimator(args, estimator: str) -> dict:
     cells = [(b, name) for b in budgets for name in ALLOCATORS]
     bar = Progress(len(cells), f"variance {estimator}", enabled=not args.quick, every=6)
     for budget in budgets:
-        errors, per_reps = {}, {}
+        errors, per_reps, expected = {}, {}, {}
+        template = AllocationRequest(
+            ids=ids,
+            losses=baselines,
+            budget=budget * len(ids),
+            n_min=1,
+            seed=0,
+            variance=estimated,
+            observations=count,
+            oracle_variance=v_true,
+        )
         for name in ALLOCATORS:
-            allocator = create_allocator("gaussian" if name == "gaussian_fit" else name)
+            if name == "ceiling_gaussian":
+                allocator = gaussian_ceiling(template)
+            elif name == "ceiling_monotone":
+                allocator = _Hindsight(name, monotone_ceiling_weights)
+            elif name in shadows:
+                allocator = shadows[name]
+            else:
+                allocator = create_allocator("gaussian" if name == "gaussian_fit" else name)
             if name in ("gaussian", "gaussian_fit"):
                 allocator.load_state_dict(gaussian_state if name == "gaussian" else fitted_state)
-            per_rep = []
+            per_rep, sums = [], []
             for rep in range(args.reps):
-                request = AllocationRequest(
-                    ids=ids,
-                    losses=baselines,
-                    budget=budget * len(ids),
-                    n_min=1,
-                    seed=rep,
-                    variance=estimated,
-                    observations=count,
-                    oracle_variance=v_true,
-                )
-                counts = allocator.allocate(request).counts
+                counts = allocator.allocate(replace(template, seed=rep)).counts
                 estimate = _estimate(trainer, ids, counts, baselines, 1_000_000 + rep)
                 per_rep.append(float(((estimate - truth) ** 2).sum()))
+                sums.append(float((v_true / counts).sum()))
             per_reps[name] = np.asarray(per_rep)
             errors[name] = float(np.mean(per_rep))
+            expected[name] = float(np.mean(sums))
             bar.update(1)
         uniform = errors["uniform"]
         oracle_reduction = 1 - errors["oracle"] / uniform
         for name in ALLOCATORS:
             reduction = 1 - errors[name] / uniform
+            expected_gap = expected["uniform"] - expected["oracle"]
             rows.append(
                 {
                     "estimator": estimator,
@@ -245,14 +351,21 @@ def run_one_estimator(args, estimator: str) -> dict:
                     "share_of_oracle_reduction": reduction / oracle_reduction
                     if oracle_reduction > 0
                     else float("nan"),
+                    "expected_share": (expected["uniform"] - expected[name]) / expected_gap
+                    if expected_gap > 0
+                    else float("nan"),
                 }
             )
     bar.close()
+    overheads = [
+        measure_overhead(config, name, args.overhead_batch, args.overhead_steps) for name in LEARNED
+    ]
     return {
         "estimator": estimator,
         "gain_star": gain_star,
         "gaussian_params": {"online": gaussian_state["phi"], "fitted": fitted_state["phi"]},
         "allocation_overhead": overhead,
+        "overhead": overheads,
         "rows": rows,
         "batch_size": len(ids),
         "trainable": args.trainable,
@@ -265,6 +378,9 @@ def run_one_estimator(args, estimator: str) -> dict:
 def run(args) -> dict:
     if args.quick:
         args.budgets, args.reps, args.learn_steps, args.fit_passes = "2,4", 3, 6, 1
+        args.overhead_batch, args.overhead_steps = 8, 4
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     estimators = ["lr", "spsa"] if args.estimator == "both" else [args.estimator]
     started = time.perf_counter()
     report = {"results": [run_one_estimator(args, name) for name in estimators]}
@@ -282,15 +398,21 @@ def format_report(report: dict) -> str:
             f"{result['reps']} reps): theoretical Neyman gain G* = {result['gain_star']:.2f}; "
             f"allocation overhead {100 * result['allocation_overhead']:.2f}% of step time"
         )
+        for row in result.get("overhead", []):
+            lines.append(
+                f"  overhead {row['allocator']:<10} at B={row['batch_size']}: "
+                f"{100 * row['overhead']:.2f}% of step time ({row['ms_per_step']:.2f} ms/step)"
+            )
         lines.append(
-            f"  {'budget':>6} {'allocator':<12} {'error ± se':>20} {'vs uniform':>10} "
-            f"{'of oracle gain ± se':>20}"
+            f"  {'budget':>6} {'allocator':<16} {'error ± se':>20} {'vs uniform':>10} "
+            f"{'of oracle gain ± se':>20} {'expected':>9}"
         )
         for row in result["rows"]:
             lines.append(
-                f"  {row['budget']:>6} {row['allocator']:<12} {row['error']:>10.4g} ± {row['error_se']:<7.2g} "
-                f"{row['relative_to_uniform']:>10.3f} {row['share_of_oracle_reduction']:>12.2f} ± "
-                f"{row['share_se']:.2f}"
+                f"  {row['budget']:>6} {row['allocator']:<16} {row['error']:>10.4g} ± "
+                f"{row['error_se']:<7.2g} {row['relative_to_uniform']:>10.3f} "
+                f"{row['share_of_oracle_reduction']:>12.2f} ± {row['share_se']:.2f} "
+                f"{row.get('expected_share', float('nan')):>9.3f}"
             )
     return "\n".join(lines)
 
@@ -343,3 +465,12 @@ def add_arguments(parser) -> None:
         default=32,
         help="lr: Monte Carlo samples per datapoint for v_i",
     )
+    parser.add_argument(
+        "--overhead-batch", type=int, default=64, help="batch size of the overhead measurement"
+    )
+    parser.add_argument(
+        "--overhead-steps", type=int, default=30, help="training steps per overhead measurement"
+    )
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--runs", default="runs/bench", help="scratch run directories")
+    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")

@@ -164,8 +164,10 @@ class DatapointStats:
         ids = partial.ids[keep]
         if ids.size == 0:
             return
-        if np.unique(ids).size != ids.size:
-            raise ValueError("StatsPartial ids must be unique; build it with from_samples()")
+        if ids.size > 1 and not (np.diff(ids) > 0).all():  # sorted and unique, in O(n)
+            raise ValueError(
+                "StatsPartial ids must be unique and sorted; build it with from_samples()"
+            )
         self._reserve(int(ids.max()))
         count_a = self._count[ids] * self.decay
         m2_a = self._m2[ids] * self.decay

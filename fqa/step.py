@@ -69,8 +69,11 @@ class QueryPlanner:
     def learn(self, planned: Planned, results: list[ShardResult]) -> dict[str, float]:
         """Statistics from this step's samples, then the allocator learns from them."""
         started = time.perf_counter()
-        for result in results:
-            self.stats.update(result.ids, result.stat_values)
+        if results:  # one merge per step: decay then ages history once, not once per shard
+            self.stats.update(
+                np.concatenate([r.ids for r in results]),
+                np.concatenate([r.stat_values for r in results]),
+            )
         _, _, second_moment = self.stats.lookup(planned.request.ids)
         update = self.allocator.update(
             planned.request, planned.allocation, second_moment * self.variance_scale
