@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.plots import plt
+from fqa.progress import progress
 from fqa.tasks.models import TINY_VIT
 
 REGIMES = {
@@ -58,8 +59,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)  # runs share the cores
+    from fqa.backprop import BackpropReference
     from fqa.config import load_config
-    from fqa.setup import BatchSampler, build_optimizer, build_task, set_learning_rate
     from fqa.trainer import Trainer
 
     estimator, allocator, q = job["estimator"], job["allocator"], job["q"]
@@ -84,27 +85,13 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         },
     )
     started = time.perf_counter()
+    # one loop for every method: the reference steps like the trainer does
+    runner = BackpropReference(config) if estimator == "backprop" else Trainer(config)
     curve = []
-    if estimator == "backprop":  # fqa.backprop.train_backprop's loop, with evaluations
-        task = build_task(config)
-        params = [p for _, p in task.trainable_parameters()]
-        optimizer = build_optimizer(config, params)
-        sampler = BatchSampler(task.train_ids(), batch, config.run.seed)
-        task.model.eval()
-        for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                task.backprop_loss(sampler.batch(step)).backward()
-            set_learning_rate(optimizer, config, step)
-            optimizer.step()
-            if step + 1 in eval_at:
-                curve.append(((step + 1) * per_step, task.evaluate("test")["accuracy"]))
-    else:
-        trainer = Trainer(config)
-        for step in range(steps):
-            trainer.step()
-            if step + 1 in eval_at:
-                curve.append((trainer.queries, trainer.task.evaluate("test")["accuracy"]))
+    for _ in range(steps):
+        runner.step()
+        if runner.global_step in eval_at:
+            curve.append((runner.queries, runner.task.evaluate("test")["accuracy"]))
     return {
         **{k: job[k] for k in ("regime", "estimator", "allocator", "q", "seed")},
         "steps": steps,
@@ -146,11 +133,9 @@ def run(args) -> dict[str, Any]:
         for estimator, allocator, q in method_grid()
     ]
     jobs.sort(key=lambda j: j["estimator"] != "lr")  # slowest first: the pool ends together
-    from tqdm.auto import tqdm
-
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         runs = list(
-            tqdm(pool.map(_run, jobs), total=len(jobs), desc="accuracy runs", disable=args.quick)
+            progress(pool.map(_run, jobs), len(jobs), "accuracy runs", enabled=not args.quick, every=4)
         )
     table = [row for regime in regimes for row in regime_table(regime, runs)]
     report = {
@@ -241,10 +226,14 @@ def _plot(report: dict, path: Path) -> None:
                 groups.setdefault((run["estimator"], run["allocator"], run["q"]), []).append(run)
         for (estimator, allocator, q), group in sorted(groups.items()):
             queries, acc = mean_curve(group)
+            # the spread over seeds (standard deviation); none with a single seed
+            spread = np.std([r["test_accuracy"] for r in group], axis=0, ddof=1) if len(group) > 1 else None
             style = "k-" if estimator == "backprop" else ("-" if allocator == "uniform" else "--")
-            ax.plot(queries, acc, style, marker="o", ms=2.5, label=_label(estimator, allocator, q))
+            ax.errorbar(queries, acc, yerr=spread, fmt=style, marker="o", ms=2.5, capsize=2,
+                        label=_label(estimator, allocator, q))  # fmt: skip
+        ax.set_ylim(0.0, 1.0)
         ax.set(
-            title=f"{regime}: mean of {report['seeds']} seeds",
+            title=f"{regime}: mean ± sd of {report['seeds']} seeds",
             xlabel="queries consumed (backprop: forward equivalents)",
             ylabel="test accuracy",
         )

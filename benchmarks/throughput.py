@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.config import load_config
 from fqa.data import ImageDataset
 from fqa.plots import plt
+from fqa.progress import progress
 from fqa.setup import build_estimator, build_task, load_data
 from fqa.tasks.image_classification import ImageClassificationTask
 from fqa.tasks.models import TINY_VIT, create_timm_model
@@ -265,7 +265,7 @@ def run(args) -> dict[str, Any]:
             for r in own_sizes or sizes
         ]
     results = []
-    for model, mode, rows in tqdm(cells, desc="throughput", disable=quick):
+    for model, mode, rows in progress(cells, len(cells), "throughput", enabled=not quick, every=1):
         results.append(measure(args, model, mode, rows, 3 if quick else args.reps))
         if not quick:
             print(format_report({"results": results[-1:]}).splitlines()[-1], flush=True)

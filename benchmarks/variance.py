@@ -1,10 +1,11 @@
 """``python -m jobs.bench variance``: gradient-estimator error per allocator at equal budgets.
 
-A fixed, partially trained ViT and a fixed batch. For every estimator, budget and
+A partially trained ViT and a fixed batch. For every estimator, budget and
 allocator, the error ‖ĝ − g‖² against the autograd batch gradient is averaged over
 repetitions (the estimator is unbiased, so this is its variance). The oracle knows
 the true per-datapoint v_i; the learned allocators see only statistics gathered on
-earlier batches (docs/METHOD.md §4). ``gaussian`` is the learned allocator as it is after
+earlier batches, by ordinary training steps (``Trainer.step()``) that also move the
+model (docs/METHOD.md §4); the measurement then holds the model fixed. ``gaussian`` is the learned allocator as it is after
 the online learning steps (one Adam step per training step, as in training);
 ``gaussian_fit`` is the same allocator after further offline Adam passes over the
 recorded history (the learning steps' batches, scored with the final statistics: no
@@ -21,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.allocators import AllocationRequest, create_allocator
 from fqa.backprop import ensure_pretrained, train_backprop
 from fqa.config import load_config, with_overrides
 from fqa.plots import plt
+from fqa.progress import Progress
 from fqa.seeding import derive_seed
 from fqa.stats import DatapointStats
 from fqa.trainer import Trainer
@@ -85,30 +86,46 @@ def true_variances(trainer: Trainer, ids, baselines, samples: int) -> np.ndarray
     return v
 
 
+class RecordingAllocator:
+    """Delegates to an allocator and keeps every request it is asked: the history that
+    ``refit_gaussian`` replays."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.requests: list[AllocationRequest] = []
+
+    def allocate(self, request: AllocationRequest):
+        self.requests.append(request)
+        return self.inner.allocate(request)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
 def learn_allocators(
     trainer: Trainer, steps: int, progress: bool
 ) -> tuple[DatapointStats, dict, float, list[AllocationRequest]]:
-    """Gather statistics and fit the gaussian allocator on other batches of the fixed model.
+    """Gather statistics and fit the gaussian allocator with training steps
+    (``Trainer.step()``, exactly as in training).
 
     Returns the statistics, the gaussian allocator's state, the allocation overhead
-    (allocate + learn time as a fraction of step time) and the steps' requests.
+    (plan + learn time as a fraction of step time) and the steps' requests.
     """
+    recorder = RecordingAllocator(trainer.planner.allocator)
+    trainer.planner.allocator = recorder
     allocator_seconds, step_seconds = 0.0, 0.0
-    history = []
-    for step in tqdm(range(steps), disable=not progress, desc="learn allocator"):
-        started = time.perf_counter()
-        plan = trainer.plan_step(step)
-        history.append(plan.planned.request)
-        results = trainer.evaluate_shards(plan)
-        learn_started = time.perf_counter()
-        trainer.planner.learn(plan.planned, results)
-        allocator_seconds += plan.planned.seconds + time.perf_counter() - learn_started
-        step_seconds += time.perf_counter() - started
+    with Progress(steps, "learn allocator", enabled=progress) as bar:
+        for _ in range(steps):
+            metrics = trainer.step()
+            allocator_seconds += metrics["plan_seconds"] + metrics["learn_seconds"]
+            step_seconds += metrics["step_seconds"]
+            bar.update(1)
+    trainer.planner.allocator = recorder.inner
     return (
         trainer.stats,
         trainer.allocator.state_dict(),
         allocator_seconds / max(step_seconds, 1e-12),
-        history,
+        recorder.requests,
     )
 
 
@@ -156,6 +173,8 @@ def run_one_estimator(args, estimator: str) -> dict:
         "run.out_dir": args.runs,
         "train.queries_per_datapoint": 4,
         "train.batch_size": args.batch_size,
+        "train.steps": args.learn_steps,  # the learning steps are the run
+        "train.eval_every": args.learn_steps,
     }
     if args.quick:
         overrides.update({"train.batch_size": 8, "pretrain.epochs": 1})
@@ -185,7 +204,7 @@ def run_one_estimator(args, estimator: str) -> dict:
     budgets = [int(b) for b in args.budgets.split(",")]
     rng = np.random.default_rng(0)
     cells = [(b, name) for b in budgets for name in ALLOCATORS]
-    bar = tqdm(total=len(cells), disable=args.quick, desc=f"variance {estimator}")
+    bar = Progress(len(cells), f"variance {estimator}", enabled=not args.quick, every=6)
     for budget in budgets:
         errors, per_reps = {}, {}
         for name in ALLOCATORS:

@@ -2,8 +2,8 @@
 
 It wraps ``fqa.step.QueryPlanner`` unchanged, so counts and shards are exactly those
 the single-process trainer computes. ``RemotePlanner`` gives the driver the planner's
-interface (plan / learn / state / stats / allocator) backed by the actor, which lets the
-driver reuse ``Trainer.apply_step`` and ``Trainer.save`` as they are.
+interface (plan / learn / state / stats / allocator) backed by the actor, so
+``Trainer.step`` and ``Trainer.save`` run unchanged over it.
 """
 
 from __future__ import annotations
@@ -99,6 +99,18 @@ class AllocatorActor:
         for planned, results in copy.deepcopy(list(replay)):
             self.learn(planned, results)
 
+    def load_checkpoint(
+        self, path: str, replay: list[tuple[Planned, list[ShardResult]]], decay: float
+    ) -> int:
+        """``load_state`` from a checkpoint, verified and read here rather than in the
+        driver (which would otherwise load the model's tensors too). Returns its step."""
+        data = load_checkpoint(Path(path))
+        step = int(data.state["step"])
+        stats = DatapointStats.load(data.stats_path, decay)
+        since = [entry for entry in replay if entry[0].step >= step]
+        self.load_state({"allocator": data.state["allocator"]}, stats, since, step)
+        return step
+
 
 class RemotePlanner:
     """The ``QueryPlanner`` interface, forwarded to an AllocatorActor.
@@ -185,12 +197,11 @@ class RemotePlanner:
         raise RuntimeError(f"the AllocatorActor could not be restored for {method}()")
 
     def restore(self) -> None:
-        state, stats, step = self._base()
-        replay = [entry for entry in self._learned if entry[0].step >= step]
+        path = latest_checkpoint(self.checkpoint_dir)
         deadline = time.monotonic() + _RESTORE_TIMEOUT_S
         while True:
             try:
-                ray.get(self.actor.load_state.remote(state, stats, replay, step))
+                step = self._load(path)
                 break
             except RayActorError:
                 if actor_is_dead(self.actor):  # no restarts left (or a dead node): a new actor
@@ -200,15 +211,21 @@ class RemotePlanner:
                     raise
                 time.sleep(0.2)
         self.restores += 1
-        log.info("AllocatorActor restored from step %d + %d learn calls", step, len(replay))
+        log.info("AllocatorActor restored from step %d + the learn calls since", step)
 
-    def _base(self) -> tuple[dict[str, Any], DatapointStats, int]:
-        path = latest_checkpoint(self.checkpoint_dir)
+    def _load(self, path: Path | None) -> int:
+        """The last checkpoint (else the state the actor started from), then the learn
+        calls made since."""
         if path is None:
-            return self._initial
-        data = load_checkpoint(path)
-        stats = DatapointStats.load(data.stats_path, self.decay)
-        return {"allocator": data.state["allocator"]}, stats, int(data.state["step"])
+            state, stats, step = self._initial
+            replay = [entry for entry in self._learned if entry[0].step >= step]
+            ray.get(self.actor.load_state.remote(state, stats, replay, step))
+            return step
+        # the checkpoint's step is read in the actor, which replays the calls since it
+        return ray.get(self.actor.load_checkpoint.remote(str(path), self._learned, self.decay))
+
+    def close(self) -> None:
+        ray.kill(self.actor)
 
 
 def actor_is_dead(actor: ray.actor.ActorHandle) -> bool:

@@ -19,8 +19,8 @@ from ray.exceptions import RayActorError
 from fqa.estimators import ShardResult
 
 if TYPE_CHECKING:
-    from cluster.driver import ClusterTrainer
-    from fqa.trainer import StepPlan
+    from cluster.driver import RayWorkerPool
+    from fqa.estimators import Shard
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,18 @@ class StepLedger:
         return all(r is not None for r in self.results)
 
 
-def evaluate_on_workers(trainer: ClusterTrainer, plan: StepPlan) -> StepLedger:
+def evaluate_on_workers(pool: RayWorkerPool, step: int, shards: list[Shard]) -> StepLedger:
     """Shards go out a few per worker and come back as they complete; a dead worker's
     shards run again elsewhere, and a worker that holds a shard past
     ``cluster.shard_timeout_s`` is killed (Ray restarts it) and its shards re-run."""
-    timeout = trainer.config.cluster.shard_timeout_s
-    ledger = StepLedger(plan.step, len(plan.shards))
-    pending = deque(range(len(plan.shards)))
+    timeout = pool.config.cluster.shard_timeout_s
+    ledger = StepLedger(step, len(shards))
+    pending = deque(range(len(shards)))
     # ref -> (shard, worker, worker generation, submitted at)
     in_flight: dict[ray.ObjectRef, tuple[int, int, int, float]] = {}
-    hooked = trainer.fault_hook is None
+    hooked = pool.fault_hook is None
     while not ledger.complete():
-        live = trainer._live()
+        live = pool._live()
         load = {i: 0 for i in live}
         for _, worker, _, _ in in_flight.values():
             load[worker] = load.get(worker, 0) + 1
@@ -73,34 +73,34 @@ def evaluate_on_workers(trainer: ClusterTrainer, plan: StepPlan) -> StepLedger:
                 shard = pending.popleft()
                 if ledger.has(shard):
                     continue
-                ref = trainer.workers[index].evaluate.remote(plan.shards[shard])
-                in_flight[ref] = (shard, index, trainer.generation[index], time.monotonic())
+                ref = pool.workers[index].evaluate.remote(shards[shard])
+                in_flight[ref] = (shard, index, pool.generation[index], time.monotonic())
                 load[index] += 1
         if not hooked:
             hooked = True
-            trainer.fault_hook(trainer, plan.step)
+            pool.fault_hook(pool, step)
         if not in_flight:
             continue  # every in-flight shard's worker was lost; _live() rebuilds them
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=_POLL_S)
         if not done:
-            _time_out(trainer, in_flight, timeout)
+            _time_out(pool, in_flight, timeout)
             continue
         shard, index, generation, _ = in_flight.pop(done[0])
         try:
             result = ray.get(done[0])
         except RayActorError:
-            trainer._lost(index, generation)
+            pool._lost(index, generation)
             waiting = shard in pending or any(s == shard for s, *_ in in_flight.values())
             if not ledger.has(shard) and not waiting:
                 pending.appendleft(shard)
-                trainer.redispatched += 1
+                pool.redispatched += 1
             continue
-        ledger.accept(plan.step, shard, result)
+        ledger.accept(step, shard, result)
     return ledger
 
 
 def _time_out(
-    trainer: ClusterTrainer,
+    pool: RayWorkerPool,
     in_flight: dict[ray.ObjectRef, tuple[int, int, int, float]],
     limit: float,
 ) -> None:
@@ -113,5 +113,5 @@ def _time_out(
         if now - started > limit
     }
     for index, generation in sorted(hung):
-        if generation == trainer.generation[index]:
-            trainer._hung(index, f"a shard took over cluster.shard_timeout_s={limit:g}s")
+        if generation == pool.generation[index]:
+            pool._hung(index, f"a shard took over cluster.shard_timeout_s={limit:g}s")

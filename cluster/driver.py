@@ -1,10 +1,12 @@
-"""The distributed driver: ``fqa.trainer.Trainer``'s loop with the queries on Ray actors.
+"""The distributed driver: ``fqa.trainer.Trainer`` over a pool of Ray QueryWorkers.
 
-``ClusterTrainer`` subclasses the single-process ``Trainer`` and overrides only where
-work happens: the pre-pass and the shards run on QueryWorkers, planning and learning on
-the AllocatorActor (through ``RemotePlanner``), and each update is replayed on every
-worker. The driver keeps its own replica and applies the same update, so metrics,
-evaluation, checkpoints, resume and plots are the Trainer's own code.
+``RayWorkerPool`` is the trainer's executor: the pre-pass and the shards run on
+QueryWorkers, each update is replayed on every worker, and evaluation and checkpoint
+writing run on worker rank 0 (the first live one). The driver keeps no model: only the
+plan, the statistics (on the AllocatorActor, through ``RemotePlanner``), the update log
+since the last checkpoint and the logs. The pool owns the workers' lifecycle: start,
+restart, rebuild from checkpoint + update log, resync from a healthy worker, drop a
+worker past its restart limit.
 """
 
 from __future__ import annotations
@@ -12,28 +14,33 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster.allocator_actor import RemotePlanner, actor_is_dead
 from cluster.dispatch import evaluate_on_workers
 from cluster.runtime import ClusterResourceError, connect, require_resources
-from cluster.worker import parameter_checksum, remote_worker_class
+from cluster.worker import remote_worker_class
 from fqa.config import Config
-from fqa.estimators import ShardResult, Update
-from fqa.trainer import StepPlan, Trainer
+from fqa.estimators import Shard, ShardResult, Update
+from fqa.setup import check_data, configured_estimator
+from fqa.stats import DatapointStats
+from fqa.step import UpdateOutcome
+from fqa.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 _MAX_RESTARTS = 4  # per worker; a worker past this is dropped and its shards go elsewhere
-_START_TIMEOUT_S = 300.0  # model build + data load on a fresh worker
-# past this many bytes of logged lr gradients, a restarted worker is resynced from the
-# driver instead of replaying the log, which keeps the driver's memory bounded
+_START_TIMEOUT_S = 300.0  # model build + data load on a fresh worker; a checkpoint write
+# past this many bytes of logged lr gradients, a restarted worker is resynced from a
+# healthy worker instead of replaying the log, which keeps the driver's memory bounded
 _UPDATE_LOG_BYTES = 64 * 1024**2
 
 
@@ -50,51 +57,214 @@ def in_tune_session() -> bool:
     return get_session() is not None
 
 
-class ClusterTrainer(Trainer):
-    def __init__(self, config: Config, task=None) -> None:
-        super().__init__(config, task)  # the driver's replica; resumes from a checkpoint
-        cc = config.cluster
-        self._owns_ray = connect()
-        require_resources(cc.num_workers, cc.cpus_per_worker, cc.gpus_per_worker)
-        config_json = config.model_dump_json()
-
-        self.planner = RemotePlanner(  # Trainer.apply_step/save now go remote
-            config_json,
-            self.variance_scale,
-            self.checkpoint_dir,
-            self.planner.state(),
-            self.planner.stats,
-            self.global_step,
+def ClusterTrainer(config: Config) -> Trainer:  # noqa: N802 (reads as the class it replaces)
+    """``Trainer(config, executor=RayWorkerPool(config))`` with the planner on an
+    AllocatorActor and, inside a Tune trial, a reporter of its metrics."""
+    pool = RayWorkerPool(config)
+    try:
+        trainer = Trainer(config, executor=pool)  # resumes from a checkpoint via the pool
+        local = trainer.planner
+        trainer.planner = RemotePlanner(
+            config.model_dump_json(),
+            trainer.variance_scale,
+            trainer.checkpoint_dir,
+            local.state(),
+            local.stats,
+            trainer.global_step,
         )
+    except BaseException:
+        pool.close()
+        raise
+    if in_tune_session():
+        trainer.callbacks.append(TuneReporter())
+    return trainer
 
+
+class RayWorkerPool:
+    """The Executor of ``fqa.executor`` on QueryWorker actors."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        cc = config.cluster
+        check_data(config)  # bad data fails here, before Ray starts
+        self._owns_ray = connect()
+        self.workers: list[ray.actor.ActorHandle] = []
+        try:
+            require_resources(cc.num_workers, cc.cpus_per_worker, cc.gpus_per_worker)
+        except ClusterResourceError:
+            self.close()
+            raise
+        self.estimator = configured_estimator(config)  # reduces results; needs no model
         worker_class = remote_worker_class(cc.cpus_per_worker, cc.gpus_per_worker, _MAX_RESTARTS)
         threads = max(1, int(cc.cpus_per_worker))
+        config_json = config.model_dump_json()
         self.workers = [worker_class.remote(config_json, threads) for _ in range(cc.num_workers)]
-        self._await_workers()
-        self.dirty: set[int] = set(range(len(self.workers)))  # all load the driver's state
-        self.lost: set[int] = set()  # restarted workers, rebuilt from the checkpoint
-        # each step's update as broadcast since the last checkpoint: with that checkpoint,
-        # all a restarted worker needs to rebuild its replica
+        self.dirty: set[int] = set()  # replicas to resync from a healthy worker
+        self.lost: set[int] = set()  # restarted workers, rebuilt from the checkpoint + log
+        self.dead: set[int] = set()  # out of restarts: dropped
+        # each step's update as broadcast since the last checkpoint: with that checkpoint
+        # (or, before the first one, the config's initial replica), all a restarted
+        # worker needs to rebuild its replica
         self.updates: list[tuple[int, Update, int]] = []
         self.update_bytes = 0  # tensor bytes held by self.updates
         self.log_complete = True  # False once the log was dropped for its size
-        self.checkpoint: Path | None = getattr(self, "checkpoint", None)  # set on resume
-        self.rebuilt = 0  # restarted workers rebuilt from checkpoint + updates
+        self.checkpoint: Path | None = None
+        self.applied_step = -1  # the last step every replica holds
         # bumped when a worker is rebuilt or resynced, so failures of calls sent to its
         # previous instance (several shards in flight) do not rebuild it again
         self.generation = [0] * len(self.workers)
-        self.dead: set[int] = set()
+        self.rebuilt = 0  # restarted workers rebuilt from checkpoint + updates
         self.resyncs = 0  # checksum mismatches repaired
         self.redispatched = 0  # shards re-run after their worker died
         self.hung = 0  # workers killed for holding work past cluster.shard_timeout_s
         self.duplicates = 0  # shard results for an already answered (step, shard) key
         self.result_bytes: list[int] = []  # pickled shard results returned per step
         self.replica_checksums: list[str] = []  # the workers' checksums at the end of fit
+        self.keep_parameters = False  # tests: fetch rank 0's parameters at the end of fit
+        self.final_parameters: torch.Tensor | None = None
         # tests inject faults here: called once per step after the shards are dispatched
-        self.fault_hook: Callable[[ClusterTrainer, int], None] | None = None
-        self._pending: dict[str, Any] | None = None  # metrics not yet reported to Tune
+        self.fault_hook: Callable[[RayWorkerPool, int], None] | None = None
+        self._last: dict[str, Any] = {}
+        self._await_workers()
+        self._describe = ray.get(self.workers[0].describe.remote())
+        self._align()
 
-    # ---- workers --------------------------------------------------------------------
+    # ---- the executor interface -------------------------------------------------------
+    def train_ids(self) -> np.ndarray:
+        return np.array(self._describe["train_ids"])
+
+    def variance_scale(self) -> float:
+        return float(self._describe["variance_scale"])
+
+    def primary_metric(self) -> str:
+        return self._describe["primary_metric"]
+
+    def prepass(self, step: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+        while True:  # on one worker, rotating; retried on another if it dies
+            live = self._live()
+            index = live[step % len(live)]
+            prepass = self._get(index, self.workers[index].prepass.remote(ids))
+            if prepass is not None:
+                return prepass
+
+    def evaluate(self, step: int, shards: list[Shard]) -> list[ShardResult]:
+        """On the workers (cluster.dispatch); results in plan order, each exactly once."""
+        ledger = evaluate_on_workers(self, step, shards)
+        self.duplicates += ledger.duplicates
+        results = ledger.results
+        self.result_bytes.append(sum(len(pickle.dumps(r)) for r in results))
+        # the step's idempotency keys: shards planned, results accepted, duplicates ignored
+        self._last = {"shards": len(shards), "shards_applied": len(results)}
+        return results  # type: ignore[return-value]
+
+    def apply(self, step: int, update: Update, prepass_nonfinite: int) -> UpdateOutcome:
+        """Every worker replays the update; a worker lost meanwhile is rebuilt from the
+        log (which holds this update) before its next call."""
+        update_ref = ray.put(update)  # one upload, shared by all workers
+        refs = {
+            i: self.workers[i].apply.remote(step, update_ref, prepass_nonfinite)
+            for i in self._live()
+        }
+        self._log_update(step, update, prepass_nonfinite)  # after _live()
+        outcomes = [self._get(index, ref) for index, ref in refs.items()]
+        self.applied_step = step
+        outcome = next((o for o in outcomes if o is not None), None)
+        while outcome is None:  # every replica was lost mid-update: ask a rebuilt one
+            index = self._live()[0]
+            outcome = self._get(index, self.workers[index].last_outcome.remote())
+        if (step + 1) % self.config.cluster.checksum_every == 0:
+            self.verify_replicas()
+        self._last.update(resyncs=self.resyncs, redispatched=self.redispatched, hung=self.hung)
+        self._last.update(duplicates=self.duplicates, result_bytes=self.result_bytes[-1])
+        return outcome
+
+    def evaluate_split(self, split: str) -> dict[str, float]:
+        while True:  # on rank 0, the first live worker
+            index = self._live()[0]
+            metrics = self._get(index, self.workers[index].evaluate_split.remote(split))
+            if metrics is not None:
+                return metrics
+
+    def save_checkpoint(
+        self, directory: Path, step: int, stats: DatapointStats, state: dict[str, Any]
+    ) -> Path:
+        """Rank 0 writes (fqa.checkpoint: atomic, checksummed); if it dies meanwhile the
+        next live worker rewrites the same step, which replaces any copy atomically."""
+        while True:
+            index = self._live()[0]
+            call = self.workers[index].save_checkpoint.remote(str(directory), step, stats, state)
+            path = self._get(index, call, _START_TIMEOUT_S)
+            if path is not None:
+                break
+        self.checkpoint = Path(path)  # it holds every update so far
+        self.updates, self.update_bytes, self.log_complete = [], 0, True
+        return self.checkpoint
+
+    def restore(self, path: Path, check: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        live = self._live()
+        state = ray.get(self.workers[live[0]].read_state.remote(str(path)))  # verified there
+        check(state)
+        ray.get([self.workers[i].restore.remote(str(path), []) for i in live])
+        self.checkpoint = path
+        self.updates, self.update_bytes, self.log_complete = [], 0, True
+        self.applied_step = int(state["step"]) - 1
+        return state
+
+    def step_metrics(self) -> dict[str, Any]:
+        return dict(self._last)
+
+    def summary(self) -> dict[str, Any]:
+        self.replica_checksums = self.verify_replicas()
+        if self.keep_parameters:
+            index = self._live()[0]
+            self.final_parameters = ray.get(self.workers[index].parameters.remote())
+        return {
+            "workers": len(self.workers),
+            "resyncs": self.resyncs,
+            "redispatched": self.redispatched,
+            "hung": self.hung,
+            "duplicates": self.duplicates,
+        }
+
+    def close(self) -> None:
+        for handle in self.workers:
+            ray.kill(handle)
+        self.workers = []
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    # ---- replicas ---------------------------------------------------------------------
+    def verify_replicas(self) -> list[str]:
+        """Compare the workers' parameter checksums; resync any that differ from the
+        majority (ties: the lowest rank) from a worker that agrees with it."""
+        live = self._live()
+        refs = {i: self.workers[i].checksum.remote() for i in live}
+        sums = {i: value for i, ref in refs.items() if (value := self._get(i, ref)) is not None}
+        if sums:
+            counts = Counter(sums.values())
+            first = {value: min(i for i in sums if sums[i] == value) for value in counts}
+            expected = max(counts, key=lambda value: (counts[value], -first[value]))
+            for index, value in sums.items():
+                if value != expected:
+                    log.warning(
+                        "worker %d's parameters differ from the other replicas' after step %d; "
+                        "resyncing",
+                        index,
+                        self.applied_step,
+                    )
+                    self.resyncs += 1
+                    self.dirty.add(index)
+        self._live()
+        return list(sums.values())
+
+    def _align(self) -> None:
+        """Workers built from one config start bit-identical; any that does not (e.g. a
+        nondeterministic initialiser) takes rank 0's replica."""
+        sums = ray.get([w.checksum.remote() for w in self.workers])
+        self.dirty |= {i for i, value in enumerate(sums) if value != sums[0]}
+        self._live()
+
     def _await_workers(self) -> None:
         refs = [w.ready.remote() for w in self.workers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_START_TIMEOUT_S)
@@ -104,42 +274,79 @@ class ClusterTrainer(Trainer):
                 f"only {len(ready)} of {len(refs)} workers started within {_START_TIMEOUT_S:.0f}s; "
                 f"available resources: {ray.available_resources()} (other jobs may hold them)"
             )
-        ray.get(ready)  # surface a worker's start-up exception (bad data dir, model name)
-
-    def _state_refs(self) -> tuple[ray.ObjectRef, ray.ObjectRef]:
-        # top-level ObjectRef arguments are resolved on the worker: one upload for all
-        return ray.put(self.task.model.state_dict()), ray.put(self.optimizer.state_dict())
+        try:
+            ray.get(ready)  # surface a worker's start-up exception (bad data dir, model name)
+        except BaseException:
+            self.close()
+            raise
 
     def _live(self) -> list[int]:
         """Workers able to take work now. A restarted one is first rebuilt from the last
-        checkpoint plus the updates since; with no checkpoint yet, or when that fails, it
-        loads the driver's replica (as does a worker whose checksum mismatched)."""
+        checkpoint plus the updates since; when the log was dropped, or the rebuild
+        fails, it is resynced from a healthy worker (as is one whose checksum differed)."""
         for index in sorted(self.lost - self.dead):
-            if self.checkpoint is None or not self.log_complete or not self._rebuild(index):
+            if self.log_complete and self._rebuild(index):
+                continue
+            if actor_is_dead(self.workers[index]):
+                log.warning("worker %d is gone for good; continuing without it", index)
+                self.dead.add(index)
+            else:
                 self.dirty.add(index)
         self.lost.clear()
         if self.dirty - self.dead:
-            state = self._state_refs()
-            for index in sorted(self.dirty - self.dead):
-                if not self._resync(index, state):
-                    log.warning("worker %d is gone for good; continuing without it", index)
-                    self.dead.add(index)
+            healthy = [i for i in self._alive() if i not in self.dirty]
+            if not healthy and self._alive():
+                raise ClusterError(
+                    "no worker holds a valid replica to resync from (every replica was lost "
+                    "after the update log outgrew its cap); rerun the job to resume from the "
+                    "checkpoint"
+                )
+            if healthy:
+                state = self.workers[healthy[0]].state.remote()  # worker to worker
+                for index in sorted(self.dirty - self.dead):
+                    if not self._resync(index, state):
+                        log.warning("worker %d is gone for good; continuing without it", index)
+                        self.dead.add(index)
             self.dirty.clear()
-        live = [i for i in range(len(self.workers)) if i not in self.dead]
+        live = self._alive()
         if not live:
             raise ClusterError("every worker died; rerun the job to resume from the checkpoint")
         return live
 
-    def _resync(self, index: int, state: tuple[ray.ObjectRef, ray.ObjectRef]) -> bool:
-        """Load the driver's state into a worker, waiting while Ray restarts it (calls
-        fail with RayActorError until the new instance is up)."""
+    def _alive(self) -> list[int]:
+        return [i for i in range(len(self.workers)) if i not in self.dead]
+
+    def _resync(self, index: int, state: ray.ObjectRef) -> bool:
+        """Load a healthy worker's state into worker ``index``, waiting while Ray restarts
+        it (calls fail with RayActorError until the new instance is up)."""
         worker = self.workers[index]
         done, _ = self._call_while_restarting(
-            index, lambda: worker.load_state.remote(*state, self.global_step)
+            index, lambda: worker.load_replica.remote(state, self.applied_step + 1)
         )
         if done:
             self.generation[index] += 1
         return done
+
+    def _rebuild(self, index: int) -> bool:
+        worker = self.workers[index]
+        checkpoint = None if self.checkpoint is None else str(self.checkpoint)
+        done, value = self._call_while_restarting(
+            index, lambda: worker.restore.remote(checkpoint, self.updates)
+        )
+        if not done:
+            return False
+        healthy = [i for i in self._alive() if i not in self.lost and i not in self.dirty]
+        if healthy:
+            expected = self._get(healthy[0], self.workers[healthy[0]].checksum.remote())
+            if expected is not None and value[0] != expected:
+                log.warning(
+                    "worker %d rebuilt from %s differs from worker %d", index, checkpoint, healthy[0]
+                )
+                return False
+        self.rebuilt += 1
+        self.generation[index] += 1
+        log.info("worker %d rebuilt from %s + %d updates", index, checkpoint, len(self.updates))
+        return True
 
     def _call_while_restarting(self, index: int, call) -> tuple[bool, Any]:
         """``ray.get(call())`` on worker ``index``, retried while Ray restarts the actor.
@@ -156,23 +363,6 @@ class ClusterTrainer(Trainer):
                 time.sleep(0.5)
         return False, None
 
-    def _rebuild(self, index: int) -> bool:
-        worker = self.workers[index]
-        done, value = self._call_while_restarting(
-            index, lambda: worker.restore.remote(str(self.checkpoint), self.updates)
-        )
-        if not done:
-            return False
-        if value != parameter_checksum(self.params):
-            log.warning("worker %d rebuilt from %s differs from the driver", index, self.checkpoint)
-            return False
-        self.rebuilt += 1
-        self.generation[index] += 1
-        log.info(
-            "worker %d rebuilt from %s + %d updates", index, self.checkpoint, len(self.updates)
-        )
-        return True
-
     def _hung(self, index: int, why: str) -> None:
         """Kill a worker that stopped answering; Ray restarts it and _live() rebuilds it."""
         log.warning("worker %d is hung (%s); restarting it", index, why)
@@ -180,14 +370,14 @@ class ClusterTrainer(Trainer):
         ray.kill(self.workers[index], no_restart=False)
         self.lost.add(index)
 
-    def _get(self, index: int, ref: ray.ObjectRef) -> Any:
+    def _get(self, index: int, ref: ray.ObjectRef, timeout: float | None = None) -> Any:
         """A worker call's result within cluster.shard_timeout_s; None if the worker died
         or hung (it is then rebuilt before its next call)."""
-        limit = self.config.cluster.shard_timeout_s
+        limit = timeout or self.config.cluster.shard_timeout_s
         try:
             return ray.get(ref, timeout=limit)
         except GetTimeoutError:
-            self._hung(index, f"no answer within cluster.shard_timeout_s={limit:g}s")
+            self._hung(index, f"no answer within {limit:g}s")
         except RayActorError:
             self._lost(index)
         return None
@@ -197,48 +387,6 @@ class ClusterTrainer(Trainer):
             return  # a call to the instance that was already replaced
         log.warning("worker %d died; it restarts and rebuilds its replica", index)
         self.lost.add(index)
-
-    # ---- one step -------------------------------------------------------------------
-    def plan_step(self, step: int) -> StepPlan:
-        self._report()
-        ids = self.sampler.batch(step)
-        while True:  # the pre-pass on one worker; retried on another if it dies
-            index = self._live()[step % len(self._live())]
-            prepass = self._get(index, self.workers[index].prepass.remote(ids))
-            if prepass is not None:
-                break
-        return StepPlan(step, ids, prepass, self.planner.plan(step, ids, prepass["loss"]))
-
-    def evaluate_shards(self, plan: StepPlan) -> list[ShardResult]:
-        """On the workers (cluster.dispatch); results in plan order, each exactly once."""
-        ledger = evaluate_on_workers(self, plan)
-        self.duplicates += ledger.duplicates
-        results = ledger.results
-        self.result_bytes.append(sum(len(pickle.dumps(r)) for r in results))
-        return results  # type: ignore[return-value]
-
-    def apply_step(self, plan: StepPlan, results: list[ShardResult]) -> dict[str, Any]:
-        """Every worker replays the update while the driver applies it to its replica."""
-        update = self.estimator.reduce(plan.shards, results)
-        prepass_nonfinite = int((~np.isfinite(plan.prepass["loss"])).sum())
-        update_ref = ray.put(update)  # one upload, shared by all workers
-        refs = {
-            i: self.workers[i].apply.remote(plan.step, update_ref, prepass_nonfinite)
-            for i in self._live()
-        }
-        self._log_update(plan.step, update, prepass_nonfinite)  # after _live()
-        metrics = super().apply_step(plan, results)
-        for index, ref in refs.items():
-            self._get(index, ref)  # a lost worker is rebuilt before its next shard
-        if self.global_step % self.config.cluster.checksum_every == 0:
-            self.verify_replicas()
-        metrics.update(resyncs=self.resyncs, redispatched=self.redispatched, hung=self.hung)
-        # the step's idempotency keys: shards planned, results accepted, duplicates ignored
-        metrics.update(shards=len(plan.shards), shards_applied=len(results))
-        metrics["duplicates"] = self.duplicates
-        metrics["result_bytes"] = self.result_bytes[-1] if self.result_bytes else 0
-        self._pending = metrics
-        return metrics
 
     def _log_update(self, step: int, update: Update, prepass_nonfinite: int) -> None:
         """Keep the update for restarted workers, unless the log outgrew its memory cap."""
@@ -253,63 +401,25 @@ class ClusterTrainer(Trainer):
             return
         self.updates.append((step, update, prepass_nonfinite))
 
-    def verify_replicas(self) -> list[str]:
-        """Compare the workers' parameter checksums with the driver's; resync mismatches."""
-        expected = parameter_checksum(self.params)
-        live = self._live()
-        refs = {i: self.workers[i].checksum.remote() for i in live}
-        sums: dict[int, str] = {}
-        for index, ref in refs.items():
-            value = self._get(index, ref)
-            if value is None:
-                continue
-            sums[index] = value
-            if value != expected:
-                log.warning(
-                    "worker %d's parameters differ from the driver's at step %d; resyncing",
-                    index,
-                    self.global_step,
-                )
-                self.resyncs += 1
-                self.dirty.add(index)
-        self._live()
-        return list(sums.values())
 
-    # ---- loop, reports, shutdown --------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        try:
-            summary = super().fit()
-            self.replica_checksums = self.verify_replicas()
-            summary.update(workers=len(self.workers), resyncs=self.resyncs)
-            summary.update(redispatched=self.redispatched, hung=self.hung)
-            summary["duplicates"] = self.duplicates
-            return summary
-        finally:
-            self.close()
+class TuneReporter:
+    """Inside a Tune trial, each evaluation's metrics (and each checkpoint) go to Tune."""
 
-    @property
-    def checkpoint_dir(self):
-        return self.run_dir / "checkpoints"
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
 
-    def save(self):
-        path = super().save()
-        self.planner.checkpointed(self.global_step)
-        self.checkpoint, self.updates = path, []  # the checkpoint holds every update so far
-        self.update_bytes, self.log_complete = 0, True
+    def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._report()  # the previous step's, if it carried an evaluation
+        self._pending = metrics
+
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         self._report(path)
-        return path
 
-    def restore(self, path: Path) -> None:
-        super().restore(path)  # on resume, from Trainer.__init__
-        self.checkpoint = path
-
-    def finish(self) -> dict[str, Any]:
+    def on_finish(self, trainer: Trainer) -> None:
         self._report()
-        return super().finish()
 
-    def _report(self, checkpoint_dir=None) -> None:
-        """Inside a Tune trial, the finished step's metrics (and checkpoint) go to Tune."""
-        if self._pending is None or not in_tune_session():
+    def _report(self, checkpoint_dir: Path | None = None) -> None:
+        if self._pending is None:
             return
         if checkpoint_dir is None and not any(k.startswith("val_") for k in self._pending):
             return  # Tune gets evaluations and checkpoints: each report is a round trip
@@ -318,15 +428,6 @@ class ClusterTrainer(Trainer):
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(_plain(self._pending), checkpoint=checkpoint)
         self._pending = None
-
-    def close(self) -> None:
-        for handle in [*getattr(self, "workers", []), getattr(self.planner, "actor", None)]:
-            if handle is not None:
-                ray.kill(handle)
-        self.workers = []
-        if self._owns_ray:
-            ray.shutdown()
-            self._owns_ray = False
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -176,7 +176,11 @@ def plot_curves(table: pd.DataFrame, sweep_dir: Path, out: Path, title: str, met
             style = "-" if row["status"] == "TERMINATED" else ":"
             ax.plot([r["queries"] for r in evals], [r[metric] for r in evals], style,
                     marker="o", ms=3, label=f"{_label(row)} ({row['status'].lower()})")  # fmt: skip
-    ax.set(xlabel="queries consumed", ylabel=metric, title=f"{title}: every trial")
+    ax.set(
+        xlabel="queries consumed",
+        ylabel=f"{metric} (axis not from zero)",
+        title=f"{title}: every trial",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -210,11 +214,14 @@ def plot_best(ranked: pd.DataFrame, out: Path, title: str, metric: str) -> None:
                 ax.text(x, r[column], f"{r[column]:.3f}\nlr={r['lr']:g}",
                         ha="center", va="bottom", fontsize=7)  # fmt: skip
         ax.set_xticks(range(len(budgets)), [f"{b} q/datapoint" for b in budgets])
-        low, high = float(ranked[column].min()), float(ranked[column].max())
-        if 0.0 <= low and high <= 1.0:  # accuracies: zoom in on the differences
-            ax.set_ylim(max(0.0, low - 0.1), min(1.0, high + 0.08))
+        high = float(ranked[column].max())
+        # bars start at zero: a zoomed axis would make small differences look large
+        ax.set_ylim(0.0, 1.05 if high <= 1.0 else None)
         ax.legend(title="allocator")
-    ax.set(ylabel=f"best {metric}", title=f"{title}: each at its best lr / σ")
+    ax.set(
+        ylabel=f"best {metric} (one trial per bar, no error bars)",
+        title=f"{title}: each at its best lr / σ",
+    )
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.tune import Callback
 
 from cluster.runtime import ClusterResourceError
 from cluster.sweep_config import SweepConfig, trial_config
@@ -157,18 +158,20 @@ def run_trial(params: dict[str, Any], *, base_json: str, sweep_json: str, runs_d
     _restore_tune_checkpoint(run_dir / "checkpoints")
     trainer = ClusterTrainer(with_pretrained(config))
     if sweep.crash_at_step is not None:
-        trainer.fault_hook = _crash_once(run_dir / "crashed", sweep.crash_at_step)
+        trainer.executor.fault_hook = _crash_once(
+            run_dir / "crashed", sweep.crash_at_step, trainer.checkpoint_dir
+        )
     trainer.fit()
 
 
-def _crash_once(marker: Path, at_step: int):
+def _crash_once(marker: Path, at_step: int, checkpoint_dir: Path):
     """Raise once at ``at_step``, first deleting the trial's local checkpoints as a lost
     node would: the retry can then only resume from the checkpoint Tune persisted."""
 
-    def hook(trainer, step: int) -> None:
+    def hook(pool, step: int) -> None:
         if step == at_step and not marker.exists():
             marker.write_text(str(step))
-            shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
             raise InjectedTrialCrash(f"injected crash at step {step} (sweep crash_at_step)")
 
     return hook
@@ -255,9 +258,35 @@ def build_tuner(sweep: SweepConfig, base: Config, sweep_dir: Path, resume: bool,
             storage_path=str(sweep_dir.parent),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=1,
+            # Tune's status table ranks trials by their last report, the sweep's ranking by
+            # their best evaluation: silence it and log each trial's end instead
+            verbose=0,
+            callbacks=[TrialLog(sweep.metric)],
         ),
     )
+
+
+class TrialLog(Callback):
+    """One log line per finished or failed trial (the ranking comes at the end)."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        log.info(
+            "trial %s finished (%d/%d): last %s=%s after %s queries",
+            trial.trial_id,
+            done,
+            len(trials),
+            self.metric,
+            last.get(self.metric),
+            last.get("queries"),
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        log.warning("trial %s failed (Tune retries it up to max_failures)", trial.trial_id)
 
 
 def sweep_directory(sweep: SweepConfig) -> Path:

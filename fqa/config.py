@@ -23,17 +23,37 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _storage_field(*names: str):
+    """A validator for fields holding a local path or a storage URI (fqa.storage)."""
+
+    def check(cls, value):
+        from fqa.storage import check_location
+
+        return value if value is None else check_location(value)
+
+    return field_validator(*names)(classmethod(check))
+
+
 class RunConfig(_Section):
     name: str = "run"  # run directory name under out_dir; reusing it resumes the run
-    out_dir: str = "runs"  # where run directories (metrics, checkpoints, plots) go
+    # where run directories (metrics, checkpoints, plots) go: a path, s3://… or gs://…
+    out_dir: str = "runs"
     seed: int = Field(0, ge=0)  # every random draw (batches, noise, allocator) derives from it
     resume: bool = True  # continue from the run directory's latest checkpoint if present
+
+    _out_dir = _storage_field("out_dir")
 
 
 class DataConfig(_Section):
     dataset: Literal["digits", "parquet"] = "digits"  # digits: prepared on demand
-    dir: str = "data/digits"  # holds train/validation/test.parquet
+    dir: str = "data/digits"  # holds train/validation/test.parquet: a path, s3://… or gs://…
     classes: list[int] | None = None  # keep only these labels (None: all)
+    # a split whose decoded images exceed this many MB is opened lazily (fqa.lazy_data):
+    # rows are read on demand through a row-group cache of cache_mb
+    in_memory_mb: float = Field(1024.0, ge=0)
+    cache_mb: float = Field(256.0, gt=0)  # lazy splits: bytes of decoded row groups kept
+
+    _dir = _storage_field("dir")
 
 
 class ModelConfig(_Section):
@@ -51,8 +71,10 @@ class ModelConfig(_Section):
     )
     input_size: int = Field(16, ge=1)  # images are resized to input_size x input_size
     pretrained: bool | str = False  # timm hub weights (needs network); prefer `checkpoint`
-    checkpoint: str | None = None  # local .safetensors state dict to start from
+    checkpoint: str | None = None  # .safetensors state dict to start from (path or URI)
     reset_head: bool = True  # drop checkpoint head weights whose shape differs (new classes)
+
+    _checkpoint = _storage_field("checkpoint")
 
 
 class TrainableConfig(_Section):
@@ -97,7 +119,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(50, ge=1)  # steps between validation evaluations
     checkpoint_every: int = Field(100, ge=1)  # steps between checkpoints
     max_nonfinite_steps: int = Field(5, ge=1)  # consecutive skipped steps before stopping
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # a tqdm bar on a terminal, else plain lines (fqa.progress)
+    log_every: int = Field(25, ge=1)  # steps between plain progress lines off a terminal
 
 
 class PretrainConfig(_Section):
@@ -108,7 +131,9 @@ class PretrainConfig(_Section):
     epochs: int = Field(30, ge=1)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(64, ge=1)
-    cache_dir: str = "runs/cache"
+    cache_dir: str = "runs/cache"  # a path, s3://… or gs://…
+
+    _cache_dir = _storage_field("cache_dir")
 
 
 class CompareConfig(_Section):
@@ -119,7 +144,7 @@ class CompareConfig(_Section):
 
 class TaskConfig(_Section):
     # what is learned; the CLIP tasks read model.name as an open_clip model
-    name: Literal["image_classification", "clip_align", "clip_prompt"] = "image_classification"
+    name: str = "image_classification"  # see fqa.tasks.list_tasks()
     # CLIP: training captions written from class names by these templates, one chosen by
     # the image's index (None: the Parquet caption column)
     caption_templates: list[str] | None = None
@@ -163,6 +188,14 @@ class Config(_Section):
         from fqa.estimators import ESTIMATORS
 
         ESTIMATORS.check(value.name)
+        return value
+
+    @field_validator("task", mode="after")
+    @classmethod
+    def _known_task(cls, value: TaskConfig) -> TaskConfig:
+        from fqa.tasks import TASKS
+
+        TASKS.check(value.name)
         return value
 
     @field_validator("allocator", mode="after")

@@ -46,6 +46,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from fqa.storage import Remote, arrow_source, location, scratch_dir
+
 SPLITS = ("train", "validation", "test")
 SHAPE_KEY = b"fqa.image_shape"
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -62,7 +64,7 @@ class ImageDataset:
     images: torch.Tensor  # float32 [n, C, H, W] in [0, 1]
     labels: torch.Tensor | None = None  # int64 [n], or None for caption-only data
     captions: list[str] | None = None
-    path: Path | None = None  # the file it was loaded from (kept by select/subset)
+    path: Path | Remote | None = None  # the file it was loaded from (kept by select/subset)
     num_classes: int | None = None  # None: max label + 1
     class_names: list[str] | None = None
     # Sorted ids and their rows, for vectorised id -> row lookups.
@@ -219,7 +221,7 @@ def write_image_parquet(
 # --------------------------------------------------------------------------- reading
 
 
-def _fail(path: Path, problem: str, fix: str) -> DataError:
+def _fail(path: Path | Remote, problem: str, fix: str) -> DataError:
     return DataError(f"{path}: {problem}. Fix: {fix}.")
 
 
@@ -370,8 +372,9 @@ def _read_sidecar(path: Path) -> dict:
 def load_image_dataset(
     path: str | Path, require_caption: bool = False, require_label: bool = True
 ) -> ImageDataset:
-    """Read and validate one Parquet file (schema in this module's docstring)."""
-    path = Path(path)
+    """Read and validate one Parquet file (schema in this module's docstring); a local
+    path or an object-store URI (fqa.storage)."""
+    path = location(path)
     if not path.exists():
         raise _fail(path, "file not found", f"check the path, or {PREPARE_HINT}")
     if path.is_dir():
@@ -381,7 +384,8 @@ def load_image_dataset(
             "pass a .parquet file, or use load_splits(DIR) for a prepared directory",
         )
     try:
-        schema = pq.read_schema(path)
+        source, filesystem = arrow_source(path)
+        schema = pq.read_schema(source, filesystem=filesystem)
     except (pa.ArrowException, OSError) as e:
         raise _fail(
             path,
@@ -426,7 +430,7 @@ def load_image_dataset(
 
     columns = [c for c in ("index", "image", "label", "caption") if c in schema.names]
     try:
-        table = pq.read_table(path, columns=columns)
+        table = pq.read_table(source, columns=columns, filesystem=filesystem)
     except (pa.ArrowException, OSError) as e:
         raise _fail(
             path,
@@ -490,14 +494,21 @@ def load_image_dataset(
     )
 
 
-def load_splits(data_dir: str | Path, **kwargs) -> dict[str, ImageDataset]:
-    """Load train/validation/test.parquet from a prepared directory; ids must not overlap."""
-    data_dir = Path(data_dir)
+def check_splits(data_dir: str | Path) -> None:
+    """The prepared directory holds every split file (nothing is read)."""
+    data_dir = location(data_dir)
     missing = [s for s in SPLITS if not (data_dir / f"{s}.parquet").exists()]
     if missing:
         raise _fail(
             data_dir, f"missing split files {[f'{s}.parquet' for s in missing]}", PREPARE_HINT
         )
+
+
+def load_splits(data_dir: str | Path, **kwargs) -> dict[str, ImageDataset]:
+    """Load train/validation/test.parquet from a prepared directory (a path or a URI);
+    ids must not overlap."""
+    check_splits(data_dir)
+    data_dir = location(data_dir)
     splits = {s: load_image_dataset(data_dir / f"{s}.parquet", **kwargs) for s in SPLITS}
     all_ids = np.concatenate([d.ids.numpy() for d in splits.values()])
     uniq, counts = np.unique(all_ids, return_counts=True)
@@ -574,8 +585,9 @@ def prepare_digits(
 
 
 def ensure_digits(data_dir: str | Path, seed: int = 0, **kwargs) -> dict[str, ImageDataset]:
-    """Prepare digits in data_dir unless already there (with this seed); load the splits."""
-    data_dir = Path(data_dir)
+    """Prepare digits in data_dir unless already there (with this seed); load the splits.
+    On object storage they are prepared locally and uploaded, dataset.json last."""
+    data_dir = location(data_dir)
     meta_path = data_dir / "dataset.json"
     complete = meta_path.exists() and all((data_dir / f"{s}.parquet").exists() for s in SPLITS)
     if complete:
@@ -587,6 +599,11 @@ def ensure_digits(data_dir: str | Path, seed: int = 0, **kwargs) -> dict[str, Im
                 f"{meta.get('seed')!r}, not digits with seed {seed}",
                 "use another directory or delete this one",
             )
+    elif isinstance(data_dir, Remote):
+        staging = scratch_dir("fqa-digits-")
+        prepare_digits(staging, seed=seed)
+        for name in (*(f"{s}.parquet" for s in SPLITS), "dataset.json"):
+            (data_dir / name).upload(staging / name)
     else:
         prepare_digits(data_dir, seed=seed)
     return load_splits(data_dir, **kwargs)

@@ -1,4 +1,5 @@
-"""PNG plots of runs: loss and accuracy against queries consumed."""
+"""The reporter: PNG plots of runs (loss and accuracy against queries consumed), drawn
+from their metrics.jsonl by the entrypoints; the trainer only writes metrics."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_run(metrics_path: Path, out: Path, title: str = "") -> Path | None:
     return plot_runs({title or "run": metrics_path}, out, title)
+
+
+def draw_run(run_dir: str | Path) -> Path | None:
+    """``curves.png`` of one run directory, from its ``metrics.jsonl``."""
+    run_dir = Path(run_dir)
+    return plot_run(run_dir / "metrics.jsonl", run_dir / "curves.png", title=run_dir.name)
 
 
 def plot_runs(runs: dict[str, Path], out: Path, title: str = "") -> Path | None:
@@ -50,7 +57,7 @@ def plot_runs(runs: dict[str, Path], out: Path, title: str = "") -> Path | None:
         plt.close(fig)
         return None
     ax_loss.set(xlabel="queries consumed", ylabel="training loss (pre-pass, smoothed)")
-    ax_acc.set(xlabel="queries consumed", ylabel="validation accuracy")
+    ax_acc.set(xlabel="queries consumed", ylabel="validation accuracy", ylim=(0.0, 1.0))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

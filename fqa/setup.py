@@ -14,11 +14,10 @@ import torch
 
 from fqa.allocators import create_allocator
 from fqa.config import Config
-from fqa.data import ImageDataset, ensure_digits, load_splits
+from fqa.data import ImageDataset, check_splits, ensure_digits, load_splits
 from fqa.estimators import Estimator, create_estimator
-from fqa.estimators.lr import unestimated_parameters
 from fqa.seeding import derive_seed
-from fqa.tasks.image_classification import build_image_task
+from fqa.tasks import create_task
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +34,20 @@ def load_data(config: Config) -> tuple[dict[str, ImageDataset], int]:
     return splits, num_classes
 
 
+def check_data(config: Config) -> None:
+    """Fail on missing data before any worker starts (the bundled digits are prepared
+    here, once, rather than by every worker at the same time); reads no rows."""
+    if config.data.dataset == "digits":
+        ensure_digits(config.data.dir)
+    else:
+        check_splits(config.data.dir)
+
+
 def build_task(config: Config):
-    """The task the config names (``task.name``), built on the configured data."""
-    if config.task.name == "clip_align":
-        from fqa.tasks.clip_align import build_clip_align_task
-
-        return build_clip_align_task(config, load_data(config)[0])
-    if config.task.name == "clip_prompt":
-        from fqa.tasks.clip_prompt import build_clip_prompt_task
-
-        return build_clip_prompt_task(config, load_data(config)[0])
+    """The task the config names (``task.name``, see ``fqa.tasks.list_tasks()``), built
+    on the configured data."""
     splits, num_classes = load_data(config)
-    return build_image_task(config, splits, num_classes)
+    return create_task(config.task.name, config=config, splits=splits, num_classes=num_classes)
 
 
 def configured_estimator(config: Config) -> Estimator:
@@ -56,17 +57,8 @@ def configured_estimator(config: Config) -> Estimator:
 
 def build_estimator(config: Config, task) -> Estimator:
     """The configured estimator, with the task's model prepared for it."""
-    est = config.estimator
     estimator = configured_estimator(config)
-    if est.name == "lr":
-        # LR estimates only the weights of the layers it injects noise into; freeze the
-        # rest (norms, embeddings) rather than let the optimizer see zero gradients.
-        frozen = unestimated_parameters(task.model, est.hook_conv)
-        params = dict(task.model.named_parameters())
-        for name in frozen:
-            params[name].requires_grad_(False)
-        if frozen:
-            log.info("lr: %d parameter tensors outside Linear layers stay frozen", len(frozen))
+    estimator.prepare(task)
     return estimator
 
 

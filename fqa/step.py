@@ -87,6 +87,13 @@ class QueryPlanner:
         self.allocator.load_state_dict(state["allocator"])
         self.stats = stats
 
+    def checkpointed(self, step: int) -> None:
+        """A checkpoint at ``step`` holds everything learned before it (nothing to trim
+        here; the remote planner drops its replay log)."""
+
+    def close(self) -> None:
+        """Nothing to release in process (the remote planner kills its actor)."""
+
 
 @dataclass(frozen=True)
 class UpdateOutcome:

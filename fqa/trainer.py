@@ -7,37 +7,39 @@ optimizer step -> statistics and allocator update -> metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+import torch
 
 from fqa.checkpoint import (
     CheckpointError,
     config_differences,
     latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
+    local_checkpoint,
 )
 from fqa.config import Config
-from fqa.estimators import Shard, ShardResult
-from fqa.plots import plot_run
-from fqa.setup import BatchSampler, build_allocator, build_estimator, build_optimizer, build_task
+from fqa.executor import Executor, InProcessExecutor
+from fqa.progress import Progress
+from fqa.run_storage import RunStorage
+from fqa.setup import BatchSampler, build_allocator
 from fqa.stats import DatapointStats
-from fqa.step import Planned, QueryPlanner, ReplicaUpdater, step_metrics
+from fqa.step import QueryPlanner, step_metrics
+from fqa.storage import Remote, location
 
 log = logging.getLogger(__name__)
+
+STATS_FILE = "stats.parquet"  # the statistics' file in a checkpoint (fqa.checkpoint's layout)
 
 # config fields that may change between a run and its resumption
 _RESUMABLE_CHANGES = (
     "run.",
     "train.steps",
     "train.progress",
+    "train.log_every",
     "train.eval_every",
     "train.checkpoint_every",
     "compare.",
@@ -49,38 +51,43 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite losses); a valid checkpoint remains."""
 
 
-@dataclass
-class StepPlan:
-    step: int
-    ids: np.ndarray
-    prepass: dict[str, np.ndarray]
-    planned: Planned
-
-    @property
-    def shards(self) -> list[Shard]:
-        return self.planned.shards
-
-
 class Trainer:
-    def __init__(self, config: Config, task=None) -> None:
+    """The step loop over an executor: in process by default, or e.g. the Ray worker
+    pool (``cluster.driver.ClusterTrainer``), which keeps no model in this process."""
+
+    def __init__(self, config: Config, task=None, executor: Executor | None = None) -> None:
         self.config = config
-        self.run_dir = Path(config.run.out_dir) / config.run.name
-        self.task = task if task is not None else build_task(config)
-        self.estimator = build_estimator(config, self.task)
-        self.variance_scale = self.estimator.variance_scale(self.task)
+        # a local directory or an object-store prefix (fqa.run_storage, fqa.storage)
+        self.storage = RunStorage(location(config.run.out_dir) / config.run.name)
+        self.run_dir = self.storage.run_dir
+        self.storage.check()
+        self.executor = executor if executor is not None else InProcessExecutor(config, task)
+        self.estimator = self.executor.estimator
+        self.variance_scale = self.executor.variance_scale()
         self.planner = QueryPlanner(
             config, self.estimator, build_allocator(config), self.variance_scale
         )
-        self.params = [p for _, p in self.task.trainable_parameters()]
-        self.optimizer = build_optimizer(config, self.params)
-        self.updater = ReplicaUpdater(config, self.task, self.estimator, self.optimizer)
-        self.sampler = BatchSampler(self.task.train_ids(), config.train.batch_size, config.run.seed)
+        self.sampler = BatchSampler(
+            self.executor.train_ids(), config.train.batch_size, config.run.seed
+        )
         self.global_step = 0  # steps done; the next step's index
         self.queries = 0  # every forward evaluation of one datapoint, pre-pass included
         self.skipped_in_a_row = 0
         self.nonfinite_total = 0
+        # observers of the run (e.g. Tune reports, the soak's memory samples): objects
+        # with any of on_step(trainer, metrics), on_checkpoint(trainer, path), on_finish(trainer)
+        self.callbacks: list[Any] = []
         if config.run.resume:
             self._maybe_resume()
+
+    # the in-process replica, for tests and benchmarks (the worker pool has none here)
+    @property
+    def task(self):
+        return self.executor.task
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.executor.params
 
     @property
     def allocator(self):
@@ -90,22 +97,25 @@ class Trainer:
     def stats(self) -> DatapointStats:
         return self.planner.stats
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
     # ---- one step -------------------------------------------------------------------
-    def plan_step(self, step: int) -> StepPlan:
-        ids = self.sampler.batch(step)
-        prepass = self.task.prepass(ids)  # B queries: baselines, allocator input, train metrics
-        return StepPlan(step, ids, prepass, self.planner.plan(step, ids, prepass["loss"]))
-
-    def evaluate_shards(self, plan: StepPlan) -> list[ShardResult]:
-        return [self.estimator.evaluate(self.task, shard) for shard in plan.shards]
-
-    def apply_step(self, plan: StepPlan, results: list[ShardResult]) -> dict[str, Any]:
-        """Reduce, step the optimizer (unless anything is non-finite), learn, report."""
+    def step(self) -> dict[str, Any]:
+        """One training step, top to bottom; returns its metrics (with validation
+        metrics when an evaluation is due)."""
         started = time.perf_counter()
-        self.queries += len(plan.ids) + sum(r.queries for r in results)
-        prepass_nonfinite = int((~np.isfinite(plan.prepass["loss"])).sum())
-        update = self.estimator.reduce(plan.shards, results)
-        outcome = self.updater.apply(plan.step, update, prepass_nonfinite)
+        step = self.global_step
+        ids = self.sampler.batch(step)
+        prepass = self.executor.prepass(step, ids)
+        planned = self.planner.plan(step, ids, prepass["loss"])
+        results = self.executor.evaluate(step, planned.shards)
+        applying = time.perf_counter()
+        self.queries += len(ids) + sum(r.queries for r in results)
+        prepass_nonfinite = int((~np.isfinite(prepass["loss"])).sum())
+        update = self.estimator.reduce(planned.shards, results)
+        outcome = self.executor.apply(step, update, prepass_nonfinite)
         if outcome.skipped:
             # a non-finite query never reaches the parameters or the statistics
             self.nonfinite_total += max(outcome.nonfinite, 1)
@@ -113,47 +123,70 @@ class Trainer:
             learned = {}
         else:
             self.skipped_in_a_row = 0
-            learned = self.planner.learn(plan.planned, results)
+            learned = self.planner.learn(planned, results)
         metrics = {
-            **step_metrics(plan.planned, plan.prepass, results, outcome, self.variance_scale),
+            **step_metrics(planned, prepass, results, outcome, self.variance_scale),
             "queries": self.queries,
-            "apply_seconds": time.perf_counter() - started,
+            "apply_seconds": time.perf_counter() - applying,
             **learned,
+            **self.executor.step_metrics(),
         }
-        self.global_step = plan.step + 1
-        return metrics
-
-    def step(self) -> dict[str, Any]:
-        """One training step, top to bottom; returns its metrics (with validation
-        metrics when an evaluation is due)."""
-        started = time.perf_counter()
-        plan = self.plan_step(self.global_step)
-        metrics = self.apply_step(plan, self.evaluate_shards(plan))
+        self.global_step = step + 1
         metrics["step_seconds"] = time.perf_counter() - started
         cfg = self.config.train
         if self.global_step % cfg.eval_every == 0 or self.global_step == cfg.steps:
-            metrics.update({f"val_{k}": v for k, v in self.task.evaluate("validation").items()})
+            metrics.update({f"val_{k}": v for k, v in self.evaluate("validation").items()})
+        self._notify("on_step", metrics)
         return metrics
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        return self.executor.evaluate_split(split)
+
+    @property
+    def primary_metric(self) -> str:
+        return self.executor.primary_metric()
+
+    def close(self) -> None:
+        self.planner.close()
+        self.executor.close()
+
+    def _notify(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(self, *args)
 
     # ---- the loop ---------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        try:
+            return self._fit()
+        finally:
+            self.close()  # the worker pool's actors go; an in-process replica stays
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(
-            json.dumps(self.config.model_dump(mode="json"), indent=1)
+        if self.global_step > cfg.steps:
+            log.warning(
+                "run %s already finished %d steps, more than train.steps=%d: returning its "
+                "results unchanged (use a new run.name to train a shorter run)",
+                self.run_dir,
+                self.global_step,
+                cfg.steps,
+            )
+        self.storage.write_json("config.json", self.config.model_dump(mode="json"))
+        self.storage.open_metrics(self.global_step)
+        bar = Progress(
+            cfg.steps,
+            self.config.run.name,
+            enabled=cfg.progress,
+            every=cfg.log_every,
+            initial=self.global_step,
         )
-        metrics_path = self.run_dir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.global_step)
-        bar = tqdm(
-            total=cfg.steps, initial=self.global_step, disable=not cfg.progress, desc=self.config.run.name
-        )
-        with open(metrics_path, "a") as sink:
+        try:
             while self.global_step < cfg.steps:
                 metrics = self.step()
-                sink.write(json.dumps(metrics) + "\n")
-                sink.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", q=self.queries)
+                self.storage.append(metrics)
+                bar.update(1, loss=f"{metrics['loss']:.3f}", queries=self.queries)
                 if self.skipped_in_a_row >= cfg.max_nonfinite_steps:
                     path = self.save()
                     raise TrainingError(
@@ -164,13 +197,15 @@ class Trainer:
                     )
                 if self.global_step % cfg.checkpoint_every == 0:
                     self.save()
+        finally:
+            self.storage.close_metrics()
         bar.close()
         self.save()
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        test = self.task.evaluate("test")
-        validation = self.task.evaluate("validation")
+        test = self.evaluate("test")
+        validation = self.evaluate("validation")
         summary = {
             "run": self.config.run.name,
             "estimator": self.config.estimator.name,
@@ -181,15 +216,22 @@ class Trainer:
             "test_loss": test["loss"],
             "val_accuracy": validation["accuracy"],
             "nonfinite": self.nonfinite_total,
+            **{f"test_{k}": v for k, v in test.items()},  # a task's own metrics too
+            **self.executor.summary(),
+            "run_dir": str(self.run_dir),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_run(
-            self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", title=self.config.run.name
-        )
-        return summary
+        if self.global_step > self.config.train.steps:
+            summary["note"] = (
+                f"the run had already finished {self.global_step} steps, more than "
+                f"train.steps={self.config.train.steps}; these are its results"
+            )
+        self.storage.write_json("summary.json", summary)
+        self._notify("on_finish")
+        return summary  # plots are the entrypoints' (RunStorage.plot)
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self) -> Path | Remote:
+        self.storage.sync()  # metrics first: a resumed run has the lines of its checkpoint
         state = {
             "queries": self.queries,
             "skipped_in_a_row": self.skipped_in_a_row,
@@ -197,54 +239,42 @@ class Trainer:
             **self.planner.state(),
             "config": self.config.model_dump(mode="json"),
         }
-        return save_checkpoint(
-            self.run_dir / "checkpoints",
-            self.global_step,
-            self.task.model,
-            self.optimizer,
-            self.stats,
-            state,
+        path = self.executor.save_checkpoint(
+            self.checkpoint_dir, self.global_step, self.stats, state
         )
+        self.planner.checkpointed(self.global_step)
+        self._notify("on_checkpoint", path)
+        return path
 
     def _maybe_resume(self) -> None:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
+        path = latest_checkpoint(self.checkpoint_dir)
         if path is not None:
             self.restore(path)
+        else:
+            log.info("no checkpoint in %s: run %s starts fresh", self.run_dir, self.config.run.name)
 
-    def restore(self, path: Path) -> None:
-        data = load_checkpoint(path)
-        differences = [
-            d
-            for d in config_differences(data.state["config"], self.config.model_dump(mode="json"))
-            if not d.startswith(_RESUMABLE_CHANGES)
-        ]
-        if differences:
-            raise CheckpointError(
-                f"checkpoint {path} was written with another config; differing fields: "
-                f"{', '.join(differences)}. Use the original config or a new run.name"
-            )
-        self.task.model.load_state_dict(data.model)
-        self.optimizer.load_state_dict(data.optimizer)
+    def restore(self, path: Path | Remote) -> None:
+        def same_config(state: dict[str, Any]) -> None:
+            differences = [
+                d
+                for d in config_differences(state["config"], self.config.model_dump(mode="json"))
+                if not d.startswith(_RESUMABLE_CHANGES)
+            ]
+            if differences:
+                raise CheckpointError(
+                    f"checkpoint {path} was written with another config; differing fields: "
+                    f"{', '.join(differences)}. Use the original config or a new run.name"
+                )
+
+        state = self.executor.restore(path, same_config)
         self.planner.load_state(
-            data.state, DatapointStats.load(data.stats_path, self.config.allocator.stats_decay)
+            state,
+            DatapointStats.load(
+                local_checkpoint(path) / STATS_FILE, self.config.allocator.stats_decay
+            ),
         )
-        self.global_step = data.state["step"]
-        self.queries = data.state["queries"]
-        self.skipped_in_a_row = data.state["skipped_in_a_row"]
-        self.nonfinite_total = data.state["nonfinite_total"]
+        self.global_step = state["step"]
+        self.queries = state["queries"]
+        self.skipped_in_a_row = state["skipped_in_a_row"]
+        self.nonfinite_total = state["nonfinite_total"]
         log.info("resumed %s at step %d (%d queries)", path, self.global_step, self.queries)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the resumed step, so every step index appears exactly once."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line torn by a killed driver: the step reruns
-            continue
-        if record["step"] < step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))

@@ -1,4 +1,4 @@
-"""``python -m jobs.bench variance|accuracy|throughput|scaling [--quick] [--out DIR]``.
+"""``python -m jobs.bench variance|accuracy|throughput|fewshot|scaling [--quick] [--out DIR]``.
 
 One command per benchmark (the modules of ``benchmarks/``); each writes ``<name>.json``
 and ``<name>.png`` to ``--out`` (default ``docs/results``), prints its table and then, as
@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-BENCHMARKS = ("variance", "accuracy", "throughput", "scaling")
+BENCHMARKS = ("variance", "accuracy", "throughput", "fewshot", "scaling")
 
 
 def add_benchmarks(commands) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +91,18 @@ def _train(args) -> int:
     except cluster_errors as exc:
         print(f"fqa: cluster error: {exc}", file=sys.stderr)
         return 4
+    # the table once; the last line points at the numbers instead of repeating them
     print(result["table"])
-    print(json.dumps({"dir": result["dir"], "runs": result["runs"]}))
+    comparison = str(Path(result["dir"]) / "comparison.json")
+    print(
+        json.dumps(
+            {
+                "dir": result["dir"],
+                "comparison": comparison,
+                "runs": [r["run"] for r in result["runs"]],
+            }
+        )
+    )
     return 0
 
 

@@ -24,8 +24,9 @@ def run_experiment(
     config = with_pretrained(config)
 
     trainer = trainer_factory(config)
-    metric = getattr(trainer.task, "primary_metric", "accuracy")  # the task's headline metric
-    results = [{**trainer.fit(), **_test_metrics(trainer.task)}]
+    metric = trainer.primary_metric  # the task's headline metric
+    results = [trainer.fit()]  # its summary carries every test metric
+    trainer.storage.plot(config.run.name)
     notes = []
     if config.task.name.startswith("clip_"):
         # the untuned starting point: what forward-only training has to improve on
@@ -50,7 +51,8 @@ def run_experiment(
             },
         )
         other_trainer = Trainer(other)
-        results.append({**other_trainer.fit(), **_test_metrics(other_trainer.task)})
+        results.append(other_trainer.fit())
+        other_trainer.storage.plot(other.run.name)
         curves[f"{config.estimator.name}/{allocator}"] = _metrics(other)
     if config.compare.backprop:
         steps = config.compare.backprop_steps or config.train.steps

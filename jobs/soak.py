@@ -74,23 +74,23 @@ def _object_store_bytes() -> int:
     return int(get_memory_info_reply(state).store_stats.object_store_bytes_used)
 
 
-class SoakTrainer(ClusterTrainer):
-    def __init__(self, config: Config, sample_every: int) -> None:
-        super().__init__(config)
+class MemorySampler:
+    """A trainer callback: every ``sample_every`` steps, the RSS of the driver, the
+    AllocatorActor and each QueryWorker, and the object store's bytes."""
+
+    def __init__(self, trainer, sample_every: int) -> None:
         self.sample_every = sample_every
-        self.pids = {"driver": os.getpid(), "allocator": _pid(self.planner.actor)}
-        self.pids.update({f"worker{i}": _pid(w) for i, w in enumerate(self.workers)})
+        self.pids = {"driver": os.getpid(), "allocator": _pid(trainer.planner.actor)}
+        self.pids.update({f"worker{i}": _pid(w) for i, w in enumerate(trainer.executor.workers)})
         self.samples: list[dict[str, int]] = []
 
-    def apply_step(self, plan, results) -> dict[str, Any]:
-        metrics = super().apply_step(plan, results)
-        if self.global_step % self.sample_every == 0:
-            sample = {"step": self.global_step, "object_store": _object_store_bytes()}
+    def on_step(self, trainer, metrics: dict[str, Any]) -> None:
+        if trainer.global_step % self.sample_every == 0:
+            sample = {"step": trainer.global_step, "object_store": _object_store_bytes()}
             for name, pid in self.pids.items():
                 for suffix, value in rss(pid).items():
                     sample[name + suffix] = value
             self.samples.append(sample)
-        return metrics
 
 
 def growth(samples: list[dict[str, int]], steps: int) -> dict[str, dict[str, float]]:
@@ -125,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     shutil.rmtree(out / "soak", ignore_errors=True)  # a fresh run, never a resumed one
-    trainer = SoakTrainer(soak_config(args.steps, out, args.data), args.sample_every)
+    trainer = ClusterTrainer(soak_config(args.steps, out, args.data))
+    sampler = MemorySampler(trainer, args.sample_every)
+    trainer.callbacks.append(sampler)
     summary = trainer.fit()
-    samples = trainer.samples
+    samples = sampler.samples
     report = growth(samples, args.steps)
     mib = 1024**2
     names = [k for k in samples[0] if k != "step"]

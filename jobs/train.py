@@ -23,7 +23,10 @@ from fqa.config import Config, ConfigError, load_config, parse_overrides
 def run(config: Config) -> dict[str, Any]:
     from cluster.driver import ClusterTrainer
 
-    return ClusterTrainer(with_pretrained(config)).fit()
+    trainer = ClusterTrainer(with_pretrained(config))
+    summary = trainer.fit()
+    trainer.storage.plot(config.run.name)  # curves.png beside the metrics, local or remote
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

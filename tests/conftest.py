@@ -144,3 +144,81 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server for the session: moto's standalone server on
+    127.0.0.1 and a free port, with IAM authentication on (wrong keys are rejected),
+    one user allowed everything, and one bucket. Yields its settings."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_dir = tmp_path_factory.mktemp("moto")
+    log = open(log_dir / "server.log", "w")
+    # the first 3 requests (user, key, policy) need no credentials; all later ones do
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=log,
+        env=env,
+        cwd=log_dir,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if process.poll() is not None:
+                    raise RuntimeError(f"moto_server exited with {process.returncode}") from None
+                time.sleep(0.1)
+        anonymous = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+        iam = boto3.client("iam", aws_access_key_id="test", aws_secret_access_key="test", **anonymous)
+        iam.create_user(UserName="fqa")
+        key = iam.create_access_key(UserName="fqa")["AccessKey"]
+        iam.put_user_policy(
+            UserName="fqa",
+            PolicyName="all",
+            PolicyDocument='{"Version": "2012-10-17", "Statement": '
+            '[{"Effect": "Allow", "Action": "*", "Resource": "*"}]}',
+        )
+        settings = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "AWS_REGION": "us-east-1",
+            "FQA_S3_TIMEOUT_S": "5",
+        }
+        s3 = boto3.client(
+            "s3",
+            aws_access_key_id=settings["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=settings["AWS_SECRET_ACCESS_KEY"],
+            **anonymous,
+        )
+        s3.create_bucket(Bucket="fqa-test")
+        yield {"env": settings, "bucket": "fqa-test", "endpoint": endpoint, "client": s3}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """The S3 settings in this test's environment and a fresh prefix: ``s3://bucket/<test>``."""
+    import uuid
+
+    for name, value in s3_server["env"].items():
+        monkeypatch.setenv(name, value)
+    prefix = f"s3://{s3_server['bucket']}/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+    return {**s3_server, "prefix": prefix}

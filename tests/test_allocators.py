@@ -466,10 +466,11 @@ def test_gaussian_gradient_matches_finite_differences():
     allocator.phi = base
 
 
-def _train_and_evaluate(vfun, steps: int, noisy: bool = False):
-    """Train on random batches, then compare Σ v/n of gaussian, uniform and oracle."""
+def _train_and_evaluate(vfun, steps: int, noisy: bool = False, learned: str = "gaussian"):
+    """Train on random batches, then compare Σ v/n of the learned allocator, uniform and
+    oracle."""
     batch, per = 32, 4
-    allocator = create_allocator("gaussian")
+    allocator = create_allocator(learned)
     rng = np.random.default_rng(5)
     for step in range(steps):
         losses = rng.exponential(size=batch)
@@ -486,10 +487,8 @@ def _train_and_evaluate(vfun, steps: int, noisy: bool = False):
         request = _request(losses, budget=batch * per, seed=10_000 + step, oracle_variance=v)
         totals += [
             _variance(v, create_allocator(name).allocate(request).counts)
-            if name != "gaussian"
-            else _variance(v, allocator.allocate(request).counts)
-            for name in ("uniform", "oracle", "gaussian")
-        ]
+            for name in ("uniform", "oracle")
+        ] + [_variance(v, allocator.allocate(request).counts)]
     uniform, oracle, learned = totals
     return (
         allocator,
@@ -569,3 +568,75 @@ def test_gaussian_sees_standardised_losses():
     # constant losses (std 0) give z = 0 rather than NaN
     flat = allocator.allocate(_request(np.full(20, 2.5), budget=80, seed=3))
     assert not flat.extras["z"].any()
+
+
+# -- the loss_curve allocator and its isotonic fit --------------------------------------
+
+
+def _isotonic_by_min_max(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The classical closed form: r_i = max_{j<=i} min_{k>=i} weighted mean of y[j..k]."""
+    n = len(y)
+
+    def mean(j, k):
+        return (w[j : k + 1] * y[j : k + 1]).sum() / w[j : k + 1].sum()
+
+    return np.array(
+        [max(min(mean(j, k) for k in range(i, n)) for j in range(i + 1)) for i in range(n)]
+    )
+
+
+def test_isotonic_matches_the_min_max_formula():
+    from fqa.allocators.isotonic import isotonic
+
+    rng = np.random.default_rng(20)
+    for _ in range(50):
+        n = int(rng.integers(1, 12))
+        y, w = rng.normal(size=n), rng.uniform(0.1, 3.0, size=n)
+        np.testing.assert_allclose(isotonic(y, w), _isotonic_by_min_max(y, w), rtol=1e-12)
+    np.testing.assert_array_equal(isotonic(np.array([1.0, 2.0, 3.0])), [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(isotonic(np.array([3.0, 1.0, 2.0])), [2.0, 2.0, 2.0])
+    with pytest.raises(ValueError, match="positive finite weights"):
+        isotonic(np.array([1.0, 2.0]), np.array([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_loss_curve_reaches_the_oracle_when_variance_grows_with_loss(noisy):
+    """v a function of loss: the best loss-only allocation is the oracle's, and the fitted
+    curve must capture nearly all of its reduction, even from χ²-noisy measurements."""
+    _, captured, _ = _train_and_evaluate(
+        lambda loss: (1 + loss) ** 4, 100, noisy, learned="loss_curve"
+    )
+    assert captured >= 0.95
+
+
+def test_loss_curve_is_uniform_without_data_and_when_variance_is_flat():
+    rng = np.random.default_rng(21)
+    request = _request(rng.exponential(size=32), budget=128)
+    assert np.abs(create_allocator("loss_curve").allocate(request).counts - 4).max() <= 1
+    allocator, _, ratio = _train_and_evaluate(
+        lambda loss: np.full(len(loss), 3.0), 100, learned="loss_curve"
+    )
+    assert ratio < 1.001  # Σ v/n within 0.1% of uniform
+    np.testing.assert_allclose(allocator.predict(np.array([0.1, 1.0, 5.0])), 3.0)
+
+
+def test_loss_curve_keeps_a_window_and_rejects_bad_input():
+    allocator = create_allocator("loss_curve", window=3)
+    rng = np.random.default_rng(22)
+    for step in range(5):
+        request = _request(rng.exponential(size=10), budget=40, seed=step)
+        measured = np.full(10, float(step))
+        measured[0] = np.nan  # skipped, not fitted
+        allocator.update(request, allocator.allocate(request), measured)
+    assert len(allocator.history) == 3
+    assert (
+        allocator.update(request, allocator.allocate(request), np.ones(10))["curve_points"] == 28
+    )  # 9 + 9 + 10
+    with pytest.raises(ValueError, match=">= 0"):
+        allocator.update(request, allocator.allocate(request), -np.ones(10))
+    with pytest.raises(ValueError, match="shape"):
+        allocator.update(request, allocator.allocate(request), np.ones(3))
+    with pytest.raises(ValueError, match="window=0 must be an integer >= 1"):
+        create_allocator("loss_curve", window=0)
+    with pytest.raises(ValueError, match="key 'history'"):
+        create_allocator("loss_curve").load_state_dict({"phi": 1})

@@ -45,7 +45,10 @@ def test_train_runs_the_main_job_with_its_comparisons(tmp_path, digits_dir, caps
     assert main(["train", str(config)]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
-    assert [r["run"] for r in summary["runs"]] == ["cli", "cli-uniform", "cli-backprop"]
+    assert summary["runs"] == ["cli", "cli-uniform", "cli-backprop"]
+    rows = json.loads((tmp_path / "runs" / "cli" / "comparison.json").read_text())
+    assert [r["run"] for r in rows] == summary["runs"]
+    assert "test_accuracy" not in out.strip().splitlines()[-1]  # the table is not repeated
     assert list((tmp_path / "runs" / "cache").glob("pretrain-*.safetensors"))
     assert (tmp_path / "runs" / "cli" / "comparison.png").is_file()
     assert "backprop" in out

@@ -176,11 +176,13 @@ def test_prompt_untuned_context_is_the_hand_written_prompt(clip_config):
 
 
 def test_prompt_counts_every_black_box_call(clip_config):
-    trainer = Trainer(clip_config("clip_prompt", task={"class_specific": True}))
+    config = clip_config(
+        "clip_prompt", task={"class_specific": True}, train={"steps": 100, "eval_every": 100}
+    )
+    trainer = Trainer(config)
     box = trainer.task.black_box
-    for step in range(3):  # no validation pass: only training queries reach the box
-        plan = trainer.plan_step(step)
-        trainer.apply_step(plan, trainer.evaluate_shards(plan))
+    for _ in range(3):  # no validation pass: only training queries reach the box
+        trainer.step()
     assert box.calls == trainer.queries == 3 * (16 + 16 * 4)
     assert trainer.task.model.ctx.shape[0] == 10  # one context per class
 

@@ -19,6 +19,7 @@ ray = pytest.importorskip("ray")
 from cluster.driver import ClusterTrainer  # noqa: E402
 from cluster.runtime import ClusterResourceError  # noqa: E402
 from cluster.worker import parameter_checksum  # noqa: E402
+from fqa.executor import InProcessExecutor  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -26,7 +27,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _params(trainer: Trainer) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in trainer.params])
+    """The final parameters: the in-process replica's, or rank 0's as fetched at the end
+    of a cluster run (the driver holds none)."""
+    if isinstance(trainer.executor, InProcessExecutor):
+        return torch.cat([p.detach().flatten() for p in trainer.params])
+    return trainer.executor.final_parameters
+
+
+def _cluster(config) -> Trainer:
+    trainer = ClusterTrainer(config)
+    trainer.executor.keep_parameters = True
+    return trainer
+
+
+def _replicas_agree(trainer: Trainer) -> None:
+    """Every worker's checksum equals rank 0's final parameters' (bit for bit)."""
+    expected = parameter_checksum([_params(trainer)])
+    assert trainer.executor.replica_checksums == [expected] * 2
 
 
 def _records(trainer: Trainer) -> list[dict]:
@@ -55,7 +72,7 @@ _TOLERANCE = {"lr": {"rtol": 1e-6, "atol": 1e-7}, "spsa": {"rtol": 1e-4, "atol":
 def test_two_workers_match_the_single_process_trainer(ray_cluster, tiny_config, estimator):
     reference = Trainer(_config(tiny_config, estimator, "reference"))
     reference.fit()
-    cluster = ClusterTrainer(_config(tiny_config, estimator, "cluster"))
+    cluster = _cluster(_config(tiny_config, estimator, "cluster"))
     cluster.fit()
 
     torch.testing.assert_close(_params(cluster), _params(reference), **_TOLERANCE[estimator])
@@ -66,9 +83,9 @@ def test_two_workers_match_the_single_process_trainer(ray_cluster, tiny_config, 
         assert a["queries"] == b["queries"]
         assert a["accuracy"] == b["accuracy"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    # every worker replica ends bit-identical to the driver's, with no resync needed
-    assert cluster.replica_checksums == [parameter_checksum(cluster.params)] * 2
-    assert cluster.resyncs == 0
+    # every worker replica ends bit-identical, with no resync needed
+    _replicas_agree(cluster)
+    assert cluster.executor.resyncs == 0
 
 
 def test_spsa_bytes_per_step_do_not_grow_with_the_model(ray_cluster, tiny_config):
@@ -91,9 +108,9 @@ def test_spsa_bytes_per_step_do_not_grow_with_the_model(ray_cluster, tiny_config
             train={"steps": 1},
         )
         trainer = ClusterTrainer(config)
-        params = sum(p.numel() for p in trainer.params)
+        params = int(trainer.variance_scale) - 1  # spsa's D + 1: the driver has no model
         trainer.fit()
-        sizes[params] = trainer.result_bytes[0]
+        sizes[params] = trainer.executor.result_bytes[0]
     (small, small_bytes), (large, large_bytes) = sorted(sizes.items())
     assert large > 3 * small  # the two models really differ in size
     assert small_bytes == large_bytes
@@ -105,18 +122,18 @@ def test_spsa_bytes_per_step_do_not_grow_with_the_model(ray_cluster, tiny_config
 def test_a_worker_killed_mid_step_loses_no_query(ray_cluster, tiny_config):
     reference = Trainer(_config(tiny_config, "lr", "reference"))
     reference.fit()
-    cluster = ClusterTrainer(_config(tiny_config, "lr", "faulty"))
+    cluster = _cluster(_config(tiny_config, "lr", "faulty"))
 
-    def kill_worker_zero(trainer: ClusterTrainer, step: int) -> None:
+    def kill_worker_zero(pool, step: int) -> None:
         if step == 1:  # shards are in flight on both workers now
-            ray.kill(trainer.workers[0], no_restart=False)
+            ray.kill(pool.workers[0], no_restart=False)
 
-    cluster.fault_hook = kill_worker_zero
+    cluster.executor.fault_hook = kill_worker_zero
     cluster.fit()
-    assert cluster.redispatched > 0
+    assert cluster.executor.redispatched > 0
     assert cluster.queries == reference.queries
     torch.testing.assert_close(_params(cluster), _params(reference), **_TOLERANCE["lr"])
-    assert cluster.replica_checksums == [parameter_checksum(cluster.params)] * 2
+    _replicas_agree(cluster)
 
 
 def test_a_rerun_driver_resumes_to_the_same_parameters(ray_cluster, tiny_config):
@@ -124,7 +141,7 @@ def test_a_rerun_driver_resumes_to_the_same_parameters(ray_cluster, tiny_config)
     reference.fit()
     interrupted = _config(tiny_config, "spsa", "resumed", train={"steps": 2})
     ClusterTrainer(interrupted).fit()  # the driver "dies" after the step-2 checkpoint
-    resumed = ClusterTrainer(with_overrides(interrupted, {"train.steps": 4}))
+    resumed = _cluster(with_overrides(interrupted, {"train.steps": 4}))
     assert resumed.global_step == 2
     resumed.fit()
     torch.testing.assert_close(_params(resumed), _params(reference), **_TOLERANCE["spsa"])
@@ -178,12 +195,12 @@ def test_a_lost_allocator_actor_is_restored_from_the_checkpoint(ray_cluster, tin
     (checkpoint statistics + the learn calls since) is exactly the lost one."""
     reference = Trainer(_config(tiny_config, "spsa", "reference"))
     reference.fit()
-    cluster = ClusterTrainer(_config(tiny_config, "spsa", "allocator-lost"))
+    cluster = _cluster(_config(tiny_config, "spsa", "allocator-lost"))
 
-    def kill_allocator(trainer: ClusterTrainer, step: int) -> None:
+    def kill_allocator(pool, step: int) -> None:
         if step != 3:
             return
-        actor = trainer.planner.actor
+        actor = cluster.planner.actor
         ray.kill(actor, no_restart=False)
         while wait:  # let Ray bring up the fresh (empty) instance before the next call
             try:
@@ -192,7 +209,7 @@ def test_a_lost_allocator_actor_is_restored_from_the_checkpoint(ray_cluster, tin
             except ray.exceptions.RayActorError:
                 pass
 
-    cluster.fault_hook = kill_allocator
+    cluster.executor.fault_hook = kill_allocator
     cluster.fit()
     assert cluster.planner.restores == 1
     assert cluster.global_step == 4 and cluster.queries == reference.queries
@@ -211,27 +228,28 @@ def test_a_restarted_worker_rebuilds_from_the_checkpoint_and_the_update_log(
     ray_cluster, tiny_config
 ):
     """Killed at step 3: the step-2 checkpoint plus step 2's seeded update (per-query
-    scalars) rebuild a replica bit-identical to the driver's, without the driver's state."""
+    scalars) rebuild a replica bit-identical to the other's, without a resync."""
     reference = Trainer(_config(tiny_config, "spsa", "reference"))
     reference.fit()
-    cluster = ClusterTrainer(_config(tiny_config, "spsa", "rebuilt"))
+    cluster = _cluster(_config(tiny_config, "spsa", "rebuilt"))
 
-    resyncs_from_driver = []  # in-memory resyncs after the kill (the fallback path)
+    resyncs = []  # worker-to-worker resyncs after the kill (the fallback path)
 
-    def kill_worker_zero(trainer: ClusterTrainer, step: int) -> None:
+    def kill_worker_zero(pool, step: int) -> None:
         if step == 3:
-            assert trainer.checkpoint is not None and len(trainer.updates) == 1
-            original = trainer._resync
-            trainer._resync = lambda i, state: resyncs_from_driver.append(i) or original(i, state)
-            ray.kill(trainer.workers[0], no_restart=False)
+            assert pool.checkpoint is not None and len(pool.updates) == 1
+            original = pool._resync
+            pool._resync = lambda i, state: resyncs.append(i) or original(i, state)
+            ray.kill(pool.workers[0], no_restart=False)
 
-    cluster.fault_hook = kill_worker_zero
+    cluster.executor.fault_hook = kill_worker_zero
     cluster.fit()
-    assert cluster.rebuilt == 1 and resyncs_from_driver == [] and cluster.resyncs == 0
+    pool = cluster.executor
+    assert pool.rebuilt == 1 and resyncs == [] and pool.resyncs == 0
     assert cluster.queries == reference.queries
     assert [r["step"] for r in _records(cluster)] == list(range(4))
     torch.testing.assert_close(_params(cluster), _params(reference), **_TOLERANCE["spsa"])
-    assert cluster.replica_checksums == [parameter_checksum(cluster.params)] * 2
+    _replicas_agree(cluster)
 
 
 def test_fqa_train_workers_runs_the_main_job_on_the_cluster(ray_cluster, digits_dir, tmp_path):

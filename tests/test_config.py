@@ -1,8 +1,11 @@
 """Bad configuration is refused before any work, with the field, the value and the fix."""
 
+from pathlib import Path
+
 import pytest
 
 from fqa.config import ConfigError, load_config, parse_config
+from fqa.tasks import list_tasks
 
 
 @pytest.mark.parametrize(
@@ -28,6 +31,10 @@ from fqa.config import ConfigError, load_config, parse_config
         ),
         ({"trainable": {"mode": "some"}}, "trainable.mode"),
         ({"data": {"dataset": "mnist"}}, "data.dataset"),
+        (
+            {"task": {"name": "segmentation"}},
+            "unknown task 'segmentation'; choose one of: clip_align, clip_prompt, image_classification",
+        ),
     ],
 )
 def test_bad_config_names_field_and_fix(data, expected):
@@ -63,6 +70,30 @@ def test_load_config_errors(tmp_path):
         load_config(listy)
 
 
-def test_shipped_configs_parse():
-    config = load_config("jobs/configs/vit_digits.yaml", {"train.steps": 7})
+SHIPPED = sorted(Path("jobs/configs").glob("*.yaml"))
+
+
+def test_every_shipped_config_is_tested():
+    names = {p.name for p in SHIPPED}
+    assert {"vit_digits.yaml", "clip_align_digits.yaml", "clip_prompt_digits.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_parses(path):
+    """Every YAML in jobs/configs, the CLIP and sweep files included, is a valid config
+    (sweep files: their base, overrides and search space)."""
+    if path.name.startswith("sweep_"):
+        from cluster.sweep_config import load_sweep, trial_config
+
+        sweep, base = load_sweep(str(path))
+        assert sweep.space, f"{path.name}: an empty search space"
+        assert base.task.name in list_tasks()
+        first = {key: spec.grid[0] if spec.grid else None for key, spec in sweep.space.items()}
+        if all(v is not None for v in first.values()):
+            trial_config(base, sweep, first)  # a trial's config validates too
+        return
+    config = load_config(path, {"train.steps": 7})
     assert config.train.steps == 7
+    assert config.task.name in list_tasks()
+    if path.name.startswith("clip_"):
+        assert config.task.name == path.name.split("_digits")[0]

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from fqa.estimators import create_estimator, list_estimators
@@ -292,3 +293,86 @@ def test_lr_rejects_a_hooked_layer_the_forward_never_calls():
     shard = estimator.plan(np.arange(2), np.ones(2, dtype=int), np.zeros(2), 0, 8)[0]
     with pytest.raises(ValueError, match="inner.*never called"):
         estimator.evaluate(Tiny(), shard)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        torch.nn.Conv2d(2, 3, 3, stride=2, padding=1),  # few channels: the Gram form
+        torch.nn.Conv2d(8, 16, 3, padding="same", dilation=2),
+        torch.nn.Conv2d(4, 4, 3, groups=2, padding=1, padding_mode="reflect"),
+        torch.nn.Conv2d(16, 24, 1, bias=False),  # many channels, few positions: the direct form
+    ],
+)
+def test_conv_score_norm_is_the_norm_of_the_per_row_weight_gradient(module):
+    """‖Σ_pos ε_pos ⊗ patch_pos‖² (+ bias) per row, against conv2d_weight on each row alone."""
+    from fqa.estimators.lr import _layer_gradient, _score_norm_sq
+
+    torch.manual_seed(0)
+    module = module.double()
+    x = torch.randn(3, module.in_channels, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        noise = torch.randn_like(module(x))
+    # reference: pad explicitly ("same", reflect), then the same conv without padding
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x_ref = torch.nn.functional.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    reference = torch.nn.Conv2d(
+        module.in_channels,
+        module.out_channels,
+        module.kernel_size,
+        stride=module.stride,
+        dilation=module.dilation,
+        groups=module.groups,
+        bias=module.bias is not None,
+    ).double()
+    expected = torch.stack(
+        [
+            sum(
+                g.pow(2).sum()
+                for g in _layer_gradient(reference, x_ref[r : r + 1], noise[r : r + 1]).values()
+            )
+            for r in range(3)
+        ]
+    )
+    torch.testing.assert_close(_score_norm_sq(module, x, noise), expected, rtol=1e-10, atol=0)
+
+
+def _conv_task():
+    """A random resnet10t (float64) on 16x16 single-channel images, every conv trainable."""
+    from tests.conftest import TensorTask
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1).eval().double()
+    params = dict(model.named_parameters())
+    for frozen in unestimated_parameters(model, True):  # BatchNorm: invisible to lr
+        params[frozen].requires_grad_(False)
+    return TensorTask(model, torch.randn(4, 1, 16, 16, dtype=torch.float64), torch.arange(4))
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_lr_statistic_is_the_size_of_the_estimate_on_a_conv_model(antithetic):
+    """The per-sample statistic allocators read as v_i: E[stat²] = E‖ĝ_i‖² with hooked convs.
+
+    One sample of one datapoint per draw (weight 1), so the shard's gradient is ĝ_i itself.
+    Without antithetic pairs stat = ‖ĝ_i‖ exactly, draw by draw. With pairs the statistic
+    uses the + row's layer inputs (a layer's input moves by O(σ) with the noise upstream),
+    so it matches in expectation: within 4 standard errors of the paired difference plus
+    a 2% allowance for that O(σ) term. The dense formula ‖ε‖²‖x‖² was 7.5× too large here.
+    """
+    from fqa.estimators.base import Shard
+
+    task = _conv_task()
+    estimator = create_estimator("lr", sigma=0.01, hook_conv=True, antithetic=antithetic)
+    baseline = task.prepass(np.arange(4))["loss"][1:2]
+    stat_sq, grad_sq = [], []
+    for seed in range(20 if not antithetic else 100):
+        result = estimator.evaluate(task, Shard(seed, np.array([1]), np.array([1.0]), baseline))
+        stat_sq.append(float(result.stat_values[0]) ** 2)
+        grad_sq.append(sum(float(g.pow(2).sum()) for g in result.grads.values()))
+    stat_sq, grad_sq = np.array(stat_sq), np.array(grad_sq)
+    if not antithetic:
+        np.testing.assert_allclose(stat_sq, grad_sq, rtol=1e-9)
+        return
+    diff = stat_sq - grad_sq
+    tolerance = 4 * diff.std(ddof=1) / np.sqrt(len(diff)) + 0.02 * grad_sq.mean()
+    assert abs(diff.mean()) < tolerance, (stat_sq.mean(), grad_sq.mean(), tolerance)

@@ -2,8 +2,9 @@
 
 Every run with a fault is compared with the fault-free cluster run of the same seed:
 the same final parameters (bit for bit) and query count, every step index exactly once
-in the metrics with each of its shards applied exactly once, the replicas' parameter
-hashes equal to the driver's, and afterwards no actor or resource left behind. The
+in the metrics with each of its shards applied exactly once, every replica's parameter
+hash equal (the driver holds no replica), and afterwards no actor or resource left
+behind. The
 faults and their outcomes are printed as a table at the end of the module.
 """
 
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from fqa.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -27,7 +27,6 @@ ray = pytest.importorskip("ray")
 
 from cluster.dispatch import StepLedger  # noqa: E402
 from cluster.driver import ClusterTrainer  # noqa: E402
-from cluster.worker import parameter_checksum  # noqa: E402
 
 pytestmark = [pytest.mark.faults, pytest.mark.ray]
 
@@ -69,8 +68,11 @@ def _final(run_dir: Path) -> dict:
     return {"allocator": data.state["allocator"], "step": data.state["step"]}
 
 
-def _params(trainer) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in trainer.params])
+def _params(trainer) -> str:
+    """The final parameters, as the replicas' common sha256: equal iff bit-identical."""
+    checksums = trainer.executor.replica_checksums
+    assert len(checksums) == 2 and len(set(checksums)) == 1, checksums
+    return checksums[0]
 
 
 def reference(tiny_config) -> dict:
@@ -78,7 +80,7 @@ def reference(tiny_config) -> dict:
         trainer = ClusterTrainer(_config(tiny_config, "reference"))
         trainer.fit()
         _REFERENCE.update(
-            params=_params(trainer).clone(),
+            params=_params(trainer),
             queries=trainer.queries,
             records=_records(trainer.run_dir),
             final=_final(trainer.run_dir),
@@ -111,8 +113,8 @@ def _no_leaks(settle_s: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def _nothing_lost(trainer_params: torch.Tensor, queries: int, run_dir: Path, ref: dict) -> str:
-    assert torch.equal(trainer_params, ref["params"]), "final parameters differ"
+def _nothing_lost(trainer_params: str, queries: int, run_dir: Path, ref: dict) -> str:
+    assert trainer_params == ref["params"], "final parameters differ"
     assert queries == ref["queries"]
     records = _records(run_dir)
     assert [r["step"] for r in records] == list(range(STEPS)), "a step is missing or repeated"
@@ -125,11 +127,16 @@ def _nothing_lost(trainer_params: torch.Tensor, queries: int, run_dir: Path, ref
     return f"completed: same params and {queries} queries; steps 0-{STEPS - 1} once each"
 
 
-def _run_with(tiny_config, name: str, hook, **cluster) -> ClusterTrainer:
+def _hook(trainer, hook) -> None:
+    """Call ``hook(trainer, step)`` once per step, after the step's shards went out."""
+    trainer.executor.fault_hook = lambda pool, step: hook(trainer, step)
+
+
+def _run_with(tiny_config, name: str, hook, **cluster):
     trainer = ClusterTrainer(_config(tiny_config, name, **cluster))
-    trainer.fault_hook = hook
+    _hook(trainer, hook)
     trainer.fit()
-    assert trainer.replica_checksums == [parameter_checksum(trainer.params)] * 2
+    _params(trainer)  # every replica bit-identical
     return trainer
 
 
@@ -144,13 +151,14 @@ def test_a_worker_killed_mid_shard(ray_cluster, tiny_config):
 
     def kill(trainer, step):
         if step == 3:  # after the step-2 checkpoint, shards in flight on both workers
-            ray.kill(trainer.workers[0], no_restart=False)
+            ray.kill(trainer.executor.workers[0], no_restart=False)
 
     trainer = _run_with(tiny_config, "kill-one", kill)
-    assert trainer.redispatched > 0 and trainer.rebuilt == 1
+    pool = trainer.executor
+    assert pool.redispatched > 0 and pool.rebuilt == 1
     outcome = _nothing_lost(_params(trainer), trainer.queries, trainer.run_dir, ref)
     _OUTCOMES.append(
-        ("QueryWorker killed mid-shard", f"{outcome}; {trainer.redispatched} shards re-run")
+        ("QueryWorker killed mid-shard", f"{outcome}; {pool.redispatched} shards re-run")
     )
 
 
@@ -159,11 +167,11 @@ def test_two_workers_killed_at_once(ray_cluster, tiny_config):
 
     def kill(trainer, step):
         if step == 3:
-            for worker in trainer.workers:
+            for worker in trainer.executor.workers:
                 ray.kill(worker, no_restart=False)
 
     trainer = _run_with(tiny_config, "kill-two", kill)
-    assert trainer.rebuilt == 2
+    assert trainer.executor.rebuilt == 2
     outcome = _nothing_lost(_params(trainer), trainer.queries, trainer.run_dir, ref)
     _OUTCOMES.append(("both QueryWorkers killed at once", f"{outcome}; both rebuilt"))
 
@@ -191,11 +199,11 @@ def test_every_worker_lost_for_good_stops_with_a_valid_checkpoint(ray_cluster, t
 
     def kill_for_good(trainer, step):
         if step == 3:
-            for worker in trainer.workers:
+            for worker in trainer.executor.workers:
                 ray.kill(worker, no_restart=True)
 
     trainer = ClusterTrainer(config)
-    trainer.fault_hook = kill_for_good
+    _hook(trainer, kill_for_good)
     with pytest.raises(ClusterError, match="every worker died; rerun the job to resume"):
         trainer.fit()
     last = latest_checkpoint(trainer.run_dir / "checkpoints")
@@ -220,10 +228,11 @@ def test_a_hung_worker_times_out_and_its_shards_are_re_dispatched(ray_cluster, t
 
     def hang(trainer, step):
         if step == 3:  # queued behind its current shards: the next ones never start
-            trainer.workers[0].__ray_call__.remote(lambda worker: time.sleep(3600))
+            trainer.executor.workers[0].__ray_call__.remote(lambda worker: time.sleep(3600))
 
     trainer = _run_with(tiny_config, "hung", hang, shard_timeout_s=20)
-    assert trainer.hung == 1 and trainer.redispatched > 0 and trainer.rebuilt == 1
+    pool = trainer.executor
+    assert pool.hung == 1 and pool.redispatched > 0 and pool.rebuilt == 1
     outcome = _nothing_lost(_params(trainer), trainer.queries, trainer.run_dir, ref)
     _OUTCOMES.append(
         ("QueryWorker hangs (shard timeout 20 s)", f"{outcome}; killed, shards re-run")
@@ -238,8 +247,8 @@ def test_duplicate_deliveries_are_applied_once(ray_cluster, tiny_config):
 
     def deliver_twice(trainer, step):
         if step == 3:
-            worker = trainer.workers[0]
-            assert ray.get(worker.apply.remote(*trainer.updates[-1])) is None  # step 2 again
+            worker = trainer.executor.workers[0]
+            assert ray.get(worker.apply.remote(*trainer.executor.updates[-1])) is None  # step 2
             ignored["worker"] = ray.get(worker.__ray_call__.remote(lambda w: w.duplicates))
             actor = trainer.planner.actor
             assert ray.get(actor.learn.remote(*trainer.planner._learned[-1])) == {}
@@ -262,7 +271,7 @@ def test_a_shard_result_is_accepted_once_per_key():
 _DRIVER = """
 import json, os, sys, time
 from pathlib import Path
-import fqa.checkpoint as checkpoint
+import ray
 from cluster.driver import ClusterTrainer
 from fqa.config import parse_config
 
@@ -273,25 +282,33 @@ def pause():
     marker.write_text(str(os.getpid()))
     time.sleep(3600)
 
-class Paused(ClusterTrainer):
-    def plan_step(self, step):
-        if mode == "between" and step == at:
-            pause()
-        return super().plan_step(step)
+def pause_in_checkpoint(worker):
+    # in the worker: rank 0 writes the checkpoint there, and stops half-way through
+    import fqa.checkpoint as checkpoint
+    save_file = checkpoint.save_file
+    def pausing_save_file(tensors, path, *args, **kwargs):
+        save_file(tensors, path, *args, **kwargs)
+        if f"step-{at:06d}" in path and path.endswith("model.safetensors"):
+            pause()  # model written, the rest of the checkpoint not yet
+    checkpoint.save_file = pausing_save_file
 
-save_file = checkpoint.save_file
-def pausing_save_file(tensors, path, *args, **kwargs):
-    save_file(tensors, path, *args, **kwargs)
-    if mode == "checkpoint" and f"step-{at:06d}" in path and path.endswith("model.safetensors"):
-        pause()  # model written, the rest of the checkpoint not yet
-checkpoint.save_file = pausing_save_file
-Paused(config).fit()
+trainer = ClusterTrainer(config)
+if mode == "checkpoint":
+    ray.get([w.__ray_call__.remote(pause_in_checkpoint) for w in trainer.executor.workers])
+step = trainer.step
+def paused_step():
+    if mode == "between" and trainer.global_step == at:
+        pause()
+    return step()
+trainer.step = paused_step
+trainer.fit()
 """
 
 
 def _kill_driver(ray_cluster, config, tmp_path: Path, mode: str, at: int) -> None:
     """Run the driver in its own process on this cluster, SIGKILL it at the marked
-    moment, and leave its run directory as a crash would."""
+    moment (between steps, or while its rank-0 worker is half-way through writing a
+    checkpoint), and leave its run directory as a crash would."""
     path = tmp_path / f"{mode}.json"
     path.write_text(json.dumps(config.model_dump(mode="json")))
     marker = tmp_path / f"{mode}.paused"
@@ -314,7 +331,7 @@ def _kill_driver(ray_cluster, config, tmp_path: Path, mode: str, at: int) -> Non
     ("mode", "at", "fault"),
     [
         ("between", 3, "driver SIGKILLed between steps 2 and 3"),
-        ("checkpoint", 4, "driver SIGKILLed while writing checkpoint 4"),
+        ("checkpoint", 4, "driver SIGKILLed while rank 0 writes checkpoint 4"),
     ],
 )
 def test_a_killed_driver_resumes_to_the_same_result(

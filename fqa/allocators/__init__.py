@@ -14,7 +14,7 @@ from fqa.registry import Registry
 ALLOCATORS = Registry[Allocator]("allocator")
 
 # Imported for their registration side effect; after ALLOCATORS exists.
-from fqa.allocators import bernoulli, gaussian, neyman, oracle, uniform  # noqa: E402, F401, I001
+from fqa.allocators import bernoulli, gaussian, loss_curve, neyman, oracle, uniform  # noqa: E402, F401, I001
 
 
 def create_allocator(name: str, **kwargs: Any) -> Allocator:

@@ -83,6 +83,16 @@ class Estimator(ABC):
     def write_grad(self, task: Task, update: Update) -> None:
         """Write the update into ``param.grad`` of the task's trainable parameters."""
 
+    def prepare(self, task: Task) -> None:
+        """Get the task's model ready for this estimator (once, before its optimizer is built)."""
+        return None  # most estimators train the task's trainable parameters as they are
+
+    def evaluate_exactly(self, task: Task, shard: Shard) -> ShardResult:
+        """``evaluate``, leaving the parameters bit-identical afterwards: what replicas
+        that must agree bit for bit call (an estimator that never touches the
+        parameters needs nothing more)."""
+        return self.evaluate(task, shard)
+
     def estimate(self, task: Task, shards: list[Shard]) -> Update:
         """Evaluate every shard here and reduce: the single-process path (and tests)."""
         update = self.reduce(shards, [self.evaluate(task, shard) for shard in shards])

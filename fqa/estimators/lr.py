@@ -13,6 +13,8 @@ The gradient is accumulated as one matrix product per layer over the shard's row
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
@@ -28,6 +30,8 @@ from fqa.estimators.base import (
 )
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 
 def hooked_modules(model: nn.Module, include_conv: bool) -> list[tuple[str, nn.Module]]:
@@ -213,12 +217,46 @@ def _pair_gradient(
     return grads
 
 
+def _conv_score_norm_sq(module: nn.Conv2d, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """‖Σ_pos ε_pos ⊗ patch_pos‖² (+ ‖Σ_pos ε_pos‖² for the bias) per row of a Conv2d.
+
+    The weight score is a sum over output positions, so cross-position terms count:
+    ‖ε‖²‖x‖² (the dense formula) overstates it. Either per-row form below is exact;
+    the cheaper is chosen: the (C_out × C_in·k²) score itself, or the position Gram
+    identity Σ_{p,q} (ε_p·ε_q)(patch_p·patch_q) (cheap when few positions)."""
+    rows, groups = noise.shape[0], module.groups
+    sq = torch.zeros(rows, dtype=torch.float64, device=noise.device)
+    if module.weight.requires_grad:
+        pad = module._reversed_padding_repeated_twice  # also covers padding="same"
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        padded = torch.nn.functional.pad(x, pad, mode=mode) if any(pad) else x
+        patches = torch.nn.functional.unfold(
+            padded, module.kernel_size, dilation=module.dilation, stride=module.stride
+        )  # [rows, C_in·k², positions], channel-major like the weight
+        positions = patches.shape[-1]
+        patches = patches.reshape(rows, groups, -1, positions).to(noise.dtype)
+        eps = noise.reshape(rows, groups, -1, positions)
+        c_out, c_in = eps.shape[2], patches.shape[2]
+        if positions * (c_out + c_in) < c_out * c_in:
+            gram = torch.einsum("rgap,rgaq->rgpq", eps, eps)
+            gram *= torch.einsum("rgbp,rgbq->rgpq", patches, patches)
+            sq += gram.sum((1, 2, 3)).double()
+        else:
+            score = torch.einsum("rgap,rgbp->rgab", eps, patches)
+            sq += score.pow(2).sum((1, 2, 3)).double()
+    if module.bias is not None and module.bias.requires_grad:
+        sq += noise.sum((2, 3)).pow(2).sum(1).double()
+    return sq
+
+
 def _score_norm_sq(module: nn.Module, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """‖Σ_tokens ε_t x_tᵀ‖² (+ bias term) per row: the size of this layer's score."""
-    if isinstance(module, nn.Conv2d) or noise.dim() == 2:
-        sq = noise.flatten(1).pow(2).sum(1) * x.flatten(1).pow(2).sum(1)
+    if isinstance(module, nn.Conv2d):
+        return _conv_score_norm_sq(module, x, noise)
+    if noise.dim() == 2:
+        sq = noise.pow(2).sum(1) * x.pow(2).sum(1)
         if module.bias is not None and module.bias.requires_grad:
-            sq = sq + noise.flatten(1).pow(2).sum(1)
+            sq = sq + noise.pow(2).sum(1)
         return sq
     rows = noise.shape[0]
     noise3, x3 = noise.reshape(rows, -1, noise.shape[-1]), x.reshape(rows, -1, x.shape[-1])
@@ -289,6 +327,17 @@ class LikelihoodRatioEstimator(Estimator):
         # until the loss is known (about 2x the compute, inference-level memory)
         self.two_pass = two_pass
         self.queries_per_sample = 2 if antithetic else 1
+
+    def prepare(self, task: Task) -> None:
+        """LR estimates only the weights of the layers it injects noise into; the rest
+        (norms, embeddings) is frozen rather than left to an optimizer seeing zero
+        gradients."""
+        frozen = unestimated_parameters(task.model, self.hook_conv)
+        params = dict(task.model.named_parameters())
+        for name in frozen:
+            params[name].requires_grad_(False)
+        if frozen:
+            log.info("lr: %d parameter tensors outside Linear layers stay frozen", len(frozen))
 
     def plan(self, ids, counts, baselines, seed, shard_rows):
         counts = np.asarray(counts)

@@ -87,6 +87,18 @@ class SPSAEstimator(Estimator):
             nonfinite=int(bad.sum()),
         )
 
+    def evaluate_exactly(self, task: Task, shard: Shard) -> ShardResult:
+        # θ+εu−2εu+εu leaves float round-off that depends on which shards a replica
+        # happened to evaluate; restoring the saved bytes keeps replicas bit-identical
+        params = [p for _, p in task.trainable_parameters()]
+        saved = [p.detach().clone() for p in params]
+        try:
+            return self.evaluate(task, shard)
+        finally:
+            with torch.no_grad():
+                for param, value in zip(params, saved, strict=True):
+                    param.copy_(value)
+
     def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:
         """c_k = Σ over direction k's samples of p·1/(B·n_i), summed in plan order."""
         coefficients: dict[int, float] = {}

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fqa.checkpoint import CheckpointError, read_safetensors
+from fqa.checkpoint import CheckpointError
+from fqa.tasks.models import read_safetensors
 
 # Small enough for tests and the 2-core demo; the BPE vocabulary is open_clip's own
 # (bundled with the package), so real words such as "three" are single tokens.

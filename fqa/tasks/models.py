@@ -54,6 +54,13 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if "://" in str(path):  # object storage: a local copy, downloaded once per process
+        from fqa.storage import fetch
+
+        try:
+            path = fetch(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file {path} does not exist; check model.checkpoint") from None
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist; check model.checkpoint")

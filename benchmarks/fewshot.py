@@ -1,0 +1,583 @@
+"""``python -m jobs.bench fewshot``: the FLOPS paper's few-shot protocol at equal total queries.
+
+Protocol (issue 15, item 1):
+
+* **Source task.** The backbone (the config's timm ViT) is pretrained with
+  backpropagation on the ``pretrain.classes`` digits only (``fqa.backprop.ensure_pretrained``,
+  cached). No row or label of the target classes is seen there.
+* **Target task.** The other classes, relabelled 0..K-1. A fixed stratified half of
+  their rows is the test split (the same for every seed). Per seed, k rows per class
+  (default 16) of the other half are the training set and the rest of that half is the
+  validation split, so train, validation and test are disjoint.
+* **What trains.** A fresh MLP head (initialised from the seed) over the frozen
+  backbone's features, computed once per row: a step costs milliseconds.
+* **Budget.** The paper's convention: the same per-datapoint query budget for every
+  ``lr`` cell (default 10 queries, i.e. 5 antithetic samples on average, pre-pass not
+  included), ``spsa`` at 2 (one central difference: MeZO), backprop counted as 3 forward
+  equivalents per datapoint. Every run gets the same total queries (pre-pass
+  included), so cheaper methods take more steps.
+* **Step size.** Each cell at its own best ``train.lr`` from a grid, picked by the
+  seed-mean final validation accuracy (a grid over the same trainer, not the Tune
+  sweep: ~100 runs of a few seconds each do not need a cluster).
+* **Training loop.** Forward-only cells run ``fqa.trainer.Trainer.step()``; backprop runs
+  ``fqa.backprop.train_backprop`` on the same task and head (or a ``backprop`` estimator
+  through the Trainer once one is registered).
+
+Report (``fewshot.json``, ``fewshot.png``): final test accuracy with a 95% t-interval over
+seeds, queries to reach the best uniform cell's final accuracy with a paired bootstrap
+interval over seeds, G* = mean v / (mean √v)² over the training set and the allocation
+spread (coefficient of variation of the counts) over training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fqa.plots import plt
+from fqa.tasks.base import Task
+
+EVALUATIONS = 20  # test evaluations per run, at equal fractions of the total queries
+BOOTSTRAP = 2000
+BACKPROP_Q = 3  # forward equivalents per datapoint of one backprop step (fqa.backprop)
+
+
+# ---------------------------------------------------------------------------- the cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One method of the comparison: estimator, allocator and queries per datapoint."""
+
+    label: str
+    estimator: str  # lr | spsa | backprop
+    allocator: str
+    q: int  # queries per datapoint per step, pre-pass excluded (backprop: 3 equivalents)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def forward_only(self) -> bool:
+        return self.estimator != "backprop"
+
+    def queries_per_step(self, batch: int) -> int:
+        # forward-only: one pre-pass query per datapoint plus q perturbed ones
+        return batch * (self.q + 1 if self.forward_only else self.q)
+
+
+def count_weighting_available() -> bool:
+    """Whether fqa has the biased ``estimator.weighting: count`` ablation option."""
+    from fqa.config import EstimatorConfig
+
+    return "weighting" in EstimatorConfig.model_fields
+
+
+def cells(q: int = 10, mezo_q: int = 2) -> list[Cell]:
+    out = [
+        Cell("backprop", "backprop", "-", BACKPROP_Q),
+        Cell(f"spsa/uniform q={mezo_q} (MeZO)", "spsa", "uniform", mezo_q),
+    ]
+    out += [
+        Cell(f"lr/{a} q={q}", "lr", a, q) for a in ("uniform", "neyman", "gaussian", "bernoulli")
+    ]
+    if count_weighting_available():  # the authors' count weighting, beside the unbiased ones
+        out.append(
+            Cell(
+                f"lr/neyman q={q} weighting=count",
+                "lr",
+                "neyman",
+                q,
+                {"estimator.weighting": "count"},
+            )
+        )
+    return out
+
+
+def equal_budget(requested: int, batch: int, chosen: list[Cell]) -> int:
+    """The smallest total >= requested that every cell spends exactly, with every one of
+    the EVALUATIONS points on a step boundary (so all curves share their query axis)."""
+    unit = math.lcm(*(c.queries_per_step(batch) for c in chosen)) * EVALUATIONS
+    return max(1, math.ceil(requested / unit)) * unit
+
+
+# ---------------------------------------------------------------------------- the data
+
+
+@dataclass(frozen=True)
+class TargetPool:
+    """Backbone features of every target-class row (the rows pretraining never saw)."""
+
+    ids: np.ndarray  # int64 [n]: global digits indices
+    labels: np.ndarray  # int64 [n]: relabelled 0..K-1
+    features: torch.Tensor  # float32 [n, E]
+    classes: list[int]  # original digit of each new label
+    source_classes: list[int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def target_pool(config, feature_block: int = 1) -> TargetPool:
+    """Pretrain (or reuse) the source backbone, then encode every row once: the patch
+    tokens after block ``feature_block``, flattened, standardised with the source rows'
+    statistics (the later blocks specialise in the source classes)."""
+    from fqa.backprop import ensure_pretrained
+    from fqa.data import ensure_digits, load_splits
+    from fqa.tasks.features import encode_in_batches
+    from fqa.tasks.image_classification import _prepare_images
+    from fqa.tasks.models import create_timm_model, load_weights
+
+    if config.data.classes is not None:
+        raise ValueError(
+            f"data.classes={config.data.classes} is set, but the few-shot target classes are "
+            "the complement of pretrain.classes; remove data.classes from the config"
+        )
+    source = sorted(config.pretrain.classes)
+    checkpoint = ensure_pretrained(config, progress=False)
+    backbone = create_timm_model(config.model.name, len(source), config.model.kwargs)
+    load_weights(backbone, checkpoint, reset_head=False)
+    depth = len(backbone.blocks)
+    if not 0 <= feature_block < depth:
+        raise ValueError(
+            f"--feature-block={feature_block} but the backbone has blocks 0..{depth - 1}; "
+            f"pick one in that range"
+        )
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        out = backbone.forward_intermediates(
+            x, indices=[feature_block], norm=False, intermediates_only=True
+        )
+        return out[0].flatten(1)
+
+    if config.data.dataset == "digits":
+        splits = ensure_digits(config.data.dir)
+    else:
+        splits = load_splits(config.data.dir)
+    ids = torch.cat([s.ids for s in splits.values()])
+    images = torch.cat([s.images for s in splits.values()])
+    labels = torch.cat([s.labels for s in splits.values()])
+    num_classes = splits["train"].num_classes
+    classes = [c for c in range(num_classes) if c not in source]
+    if len(classes) < 2:
+        raise ValueError(
+            f"pretrain.classes={source} leaves {classes} of the {num_classes} classes for the "
+            "target task; keep at least two classes out of pretrain.classes"
+        )
+    features = encode_in_batches(tokens, _prepare_images(images, config.model.input_size))
+    keep = torch.isin(labels, torch.tensor(classes))
+    seen = features[~keep]  # the source rows: pretraining data, so no target leakage
+    features = (features[keep] - seen.mean(0)) / (seen.std(0) + 1e-6)
+    relabel = torch.searchsorted(torch.tensor(classes), labels[keep])
+    return TargetPool(ids[keep].numpy(), relabel.numpy(), features.float(), classes, source)
+
+
+def kshot_split(
+    labels: np.ndarray, k: int, seed: int, test_fraction: float = 0.5
+) -> dict[str, np.ndarray]:
+    """Row positions of train (k per class, drawn per seed), validation (the rest of the
+    non-test rows) and test (a fixed stratified fraction, the same for every seed)."""
+    fixed = np.random.default_rng(20240521)  # the test split never depends on the seed
+    per_seed = np.random.default_rng([seed, 16])
+    parts: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "test": []}
+    for c in np.unique(labels):
+        rows = fixed.permutation(np.flatnonzero(labels == c))
+        cut = int(round(test_fraction * len(rows)))
+        test, rest = rows[:cut], rows[cut:]
+        if len(rest) <= k:
+            raise ValueError(
+                f"class {c} has {len(rest)} non-test rows, not enough for k={k} training "
+                f"examples plus validation; lower --k (at most {len(rest) - 1})"
+            )
+        rest = per_seed.permutation(rest)
+        parts["train"].append(rest[:k])
+        parts["validation"].append(rest[k:])
+        parts["test"].append(test)
+    return {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
+
+
+# ---------------------------------------------------------------------------- the task
+
+
+class FeatureHeadTask(Task):
+    """Classification by a trainable head over fixed backbone features, by global id."""
+
+    def __init__(self, head: nn.Module, pool: TargetPool, rows: dict[str, np.ndarray]) -> None:
+        self.model = head.eval()
+        self._ids = {name: pool.ids[r] for name, r in rows.items()}
+        self._x = {name: pool.features[r] for name, r in rows.items()}
+        self._y = {name: torch.from_numpy(pool.labels[r]) for name, r in rows.items()}
+        # id -> training row, one array lookup per batch
+        self._row = np.full(int(pool.ids.max()) + 1, -1, dtype=np.int64)
+        self._row[self._ids["train"]] = np.arange(len(self._ids["train"]))
+
+    def split_ids(self, split: str) -> np.ndarray:
+        return self._ids[split]
+
+    def train_ids(self) -> np.ndarray:
+        return self._ids["train"]
+
+    def _batch(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._row[np.asarray(ids, dtype=np.int64)]
+        if (rows < 0).any():
+            raise KeyError(f"ids not in the training set: {np.asarray(ids)[rows < 0][:5].tolist()}")
+        rows = torch.from_numpy(rows)
+        return self._x["train"][rows], self._y["train"][rows]
+
+    def losses(self, ids: np.ndarray) -> torch.Tensor:
+        x, y = self._batch(ids)
+        with torch.inference_mode():
+            return F.cross_entropy(self.model(x), y, reduction="none")
+
+    def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        x, y = self._batch(ids)
+        with torch.inference_mode():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, reduction="none")
+        return {"loss": loss.double().numpy(), "correct": (logits.argmax(-1) == y).numpy()}
+
+    def backprop_loss(self, ids: np.ndarray) -> torch.Tensor:
+        x, y = self._batch(ids)
+        return F.cross_entropy(self.model(x), y)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        with torch.inference_mode():
+            logits = self.model(self._x[split])
+            y = self._y[split]
+            return {
+                "loss": float(F.cross_entropy(logits, y)),
+                "accuracy": float((logits.argmax(-1) == y).float().mean()),
+            }
+
+
+def make_head(features: int, hidden: int, classes: int, seed: int) -> nn.Module:
+    """A fresh head from the seed: Linear-GELU-Linear, or one Linear when hidden=0."""
+    torch.manual_seed(seed)
+    if hidden == 0:
+        return nn.Sequential(nn.Linear(features, classes))
+    return nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, classes))
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+def allocation_gain(stats, ids: np.ndarray, variance_scale: float) -> float:
+    """G* = mean v / (mean √v)² over the observed datapoints (1 = nothing to gain)."""
+    count, _, second_moment = stats.lookup(ids)
+    v = second_moment[count > 0] * variance_scale
+    if len(v) == 0 or not np.sqrt(v).mean() > 0:
+        return float("nan")
+    return float(v.mean() / np.sqrt(v).mean() ** 2)
+
+
+def run_one(
+    config, cell: Cell, pool: TargetPool, rows: dict[str, np.ndarray], total: int, hidden: int
+) -> dict[str, Any]:
+    """One (cell, seed, step size) run on its own k-shot task; curves against queries."""
+    from fqa.backprop import train_backprop
+    from fqa.config import with_overrides
+    from fqa.estimators import list_estimators
+    from fqa.trainer import Trainer
+
+    batch = config.train.batch_size
+    steps = total // cell.queries_per_step(batch)
+    estimator = cell.estimator
+    through_trainer = cell.forward_only or estimator in list_estimators()
+    config = with_overrides(
+        config,
+        {
+            "estimator.name": estimator if through_trainer else "lr",
+            "allocator.name": "uniform" if cell.allocator == "-" else cell.allocator,
+            "train.queries_per_datapoint": cell.q if cell.forward_only else 2,
+            "train.steps": steps,
+            "train.eval_every": steps,
+            **cell.overrides,
+        },
+    )
+    seed = config.run.seed
+    head = make_head(pool.features.shape[1], hidden, pool.num_classes, seed)
+    task = FeatureHeadTask(head, pool, rows)
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "cell": cell.label,
+        "seed": seed,
+        "lr": config.train.lr,
+        "steps": steps,
+    }
+    if not through_trainer:
+        result = train_backprop(task, config, steps, progress=False)
+        record.update(
+            queries=steps * batch * cell.q,
+            test_accuracy=result["test_accuracy"],
+            val_accuracy=result["val_accuracy"],
+        )
+    else:
+        trainer = Trainer(config, task=task)
+        eval_at = {steps * k // EVALUATIONS for k in range(1, EVALUATIONS + 1)}
+        curve: dict[str, list] = {
+            k: []
+            for k in ("queries", "test_accuracy", "gain_star", "alloc_cv", "alloc_max_over_min")
+        }
+        window_cv, window_ratio = [], []
+        metrics: dict[str, Any] = {}
+        while trainer.global_step < steps:
+            metrics = trainer.step()
+            window_cv.append(metrics["alloc_cv"])
+            window_ratio.append(metrics["alloc_max"] / metrics["alloc_min"])
+            if trainer.global_step in eval_at:
+                curve["queries"].append(trainer.queries)
+                curve["test_accuracy"].append(task.evaluate("test")["accuracy"])
+                curve["gain_star"].append(
+                    allocation_gain(trainer.stats, task.train_ids(), trainer.variance_scale)
+                )
+                curve["alloc_cv"].append(float(np.mean(window_cv)))
+                curve["alloc_max_over_min"].append(float(np.mean(window_ratio)))
+                window_cv, window_ratio = [], []
+        record.update(
+            queries=trainer.queries,
+            test_accuracy=curve["test_accuracy"][-1],
+            val_accuracy=metrics["val_accuracy"],
+            curve=curve,
+        )
+    record["seconds"] = time.perf_counter() - started
+    return record
+
+
+# ---------------------------------------------------------------------------- the bench
+
+
+def run(args) -> dict[str, Any]:
+    from fqa.config import load_config, with_overrides
+
+    torch.set_num_threads(1)  # the machine is shared; runs are sequential
+    if args.quick:
+        args.seeds, args.lrs, args.total_queries, args.pretrain_epochs = 2, "0.003", 2000, 2
+    overrides = {"pretrain.epochs": args.pretrain_epochs, "run.out_dir": args.runs}
+    overrides["pretrain.cache_dir"] = args.cache_dir or str(Path(args.runs) / "cache")
+    if args.data_dir:
+        overrides["data.dir"] = args.data_dir
+    base = load_config(args.config, overrides)
+    started = time.perf_counter()
+    pool = target_pool(base, args.feature_block)
+    chosen = cells(base.train.queries_per_datapoint, args.mezo_q)
+    total = equal_budget(args.total_queries, base.train.batch_size, chosen)
+    grid = [float(x) for x in str(args.lrs).split(",")]
+    splits = {seed: kshot_split(pool.labels, args.k, seed) for seed in range(args.seeds)}
+    runs = []
+    from tqdm.auto import tqdm
+
+    jobs = [(cell, seed, lr) for cell in chosen for lr in grid for seed in range(args.seeds)]
+    for cell, seed, lr in tqdm(jobs, desc="few-shot runs", disable=args.quick):
+        config = with_overrides(base, {"run.seed": seed, "train.lr": lr})
+        runs.append(run_one(config, cell, pool, splits[seed], total, args.hidden))
+    sizes = {name: len(rows) for name, rows in splits[0].items()}
+    report = {
+        "protocol": {
+            "k": args.k,
+            "seeds": args.seeds,
+            "source_classes": pool.source_classes,
+            "target_classes": pool.classes,
+            "split_sizes": sizes,
+            "feature_block": args.feature_block,
+            "feature_dim": int(pool.features.shape[1]),
+            "head_hidden": args.hidden,
+            "batch_size": base.train.batch_size,
+            "queries_per_datapoint": base.train.queries_per_datapoint,
+            "mezo_queries_per_datapoint": args.mezo_q,
+            "total_queries": total,
+            "lr_grid": grid,
+            "optimizer": base.train.optimizer,
+            "stats_decay": base.allocator.stats_decay,
+            "count_weighting": count_weighting_available(),
+            "step_size_selection": "grid over the same trainer, best seed-mean final validation",
+        },
+        "splits_by_seed": {s: {n: r.tolist() for n, r in v.items()} for s, v in splits.items()},
+        "pool_ids": pool.ids.tolist(),
+        "cells": [asdict(c) for c in chosen],
+        "runs": runs,
+    }
+    report["table"] = summarise(runs, chosen, sizes)
+    report["wall_seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fewshot.json").write_text(json.dumps(report, indent=1))
+    _plot(report, out / "fewshot.png")
+    print(format_table(report))
+    return report
+
+
+def _t_half_width(values: np.ndarray) -> float:
+    from scipy import stats
+
+    if len(values) < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def _first_crossing(queries: np.ndarray, curve: np.ndarray, target: float) -> float:
+    hit = np.flatnonzero(curve >= target - 1e-9)
+    return float(queries[hit[0]]) if len(hit) else float("inf")
+
+
+def summarise(runs: list[dict], chosen: list[Cell], sizes: dict[str, int]) -> list[dict]:
+    """Per cell at its best step size: accuracy with intervals, queries to the target."""
+    best: dict[str, list[dict]] = {}
+    for cell in chosen:
+        mine = [r for r in runs if r["cell"] == cell.label]
+        by_lr: dict[float, list[dict]] = {}
+        for run in mine:
+            by_lr.setdefault(run["lr"], []).append(run)
+        lr = max(by_lr, key=lambda x: np.mean([r["val_accuracy"] for r in by_lr[x]]))
+        best[cell.label] = sorted(by_lr[lr], key=lambda r: r["seed"])
+    finals = {k: np.array([r["test_accuracy"] for r in g]) for k, g in best.items()}
+    uniform = [c.label for c in chosen if c.forward_only and c.allocator == "uniform"]
+    reference = max(uniform, key=lambda k: finals[k].mean())
+    curves = {
+        k: np.array([r["curve"]["test_accuracy"] for r in g])
+        for k, g in best.items()
+        if "curve" in g[0]
+    }
+    queries = np.asarray(best[reference][0]["curve"]["queries"], dtype=float)
+    seeds = len(finals[reference])
+    rng = np.random.default_rng(0)
+    resamples = rng.integers(0, seeds, size=(BOOTSTRAP, seeds))  # paired: a seed is a k-shot set
+
+    def needed(label: str, idx: np.ndarray) -> tuple[float, float]:
+        target = finals[reference][idx].mean()
+        own = _first_crossing(queries, curves[reference][idx].mean(0), target)
+        return _first_crossing(queries, curves[label][idx].mean(0), target), own
+
+    table = []
+    for cell in chosen:
+        label = cell.label
+        group = best[label]
+        row = {
+            "method": label,
+            "estimator": cell.estimator,
+            "allocator": cell.allocator,
+            "q": cell.q,
+            "lr": group[0]["lr"],
+            "steps": group[0]["steps"],
+            "queries": group[0]["queries"],
+            "seeds": len(group),
+            "val_mean": float(np.mean([r["val_accuracy"] for r in group])),
+            "test_mean": float(finals[label].mean()),
+            "test_ci95": _t_half_width(finals[label]),
+            "test_se_binomial": float(
+                np.sqrt(finals[label].mean() * (1 - finals[label].mean()) / sizes["test"])
+            ),
+            "reference": reference,
+            "target": float(finals[reference].mean()),
+        }
+        if label in curves:
+            all_seeds = np.arange(seeds)
+            point, own = needed(label, all_seeds)
+            ratios = np.array([np.divide(*needed(label, idx)) for idx in resamples])
+            finite = ratios[np.isfinite(ratios)]
+            gains = np.array([r["curve"]["gain_star"] for r in group])
+            spread = np.array([r["curve"]["alloc_cv"] for r in group])
+            ratio_mm = np.array([r["curve"]["alloc_max_over_min"] for r in group])
+            row.update(
+                queries_to_target=point,
+                reference_queries_to_target=own,
+                ratio=point / own,
+                # order statistics: a resample that never reaches the target is +inf
+                ratio_ci95=[
+                    float(np.sort(ratios)[int(0.025 * len(ratios))]),
+                    float(np.sort(ratios)[int(np.ceil(0.975 * len(ratios))) - 1]),
+                ],
+                ratio_reached_fraction=float(len(finite) / len(ratios)),
+                gain_star_curve=np.nanmean(gains, axis=0).tolist(),
+                gain_star_final=float(np.nanmean(gains[:, -1])),
+                alloc_cv_curve=spread.mean(0).tolist(),
+                alloc_max_over_min_curve=ratio_mm.mean(0).tolist(),
+                curve_queries=queries.tolist(),
+                curve_test_mean=curves[label].mean(0).tolist(),
+            )
+        table.append(row)
+    return table
+
+
+def format_table(report: dict) -> str:
+    p = report["protocol"]
+    lines = [
+        f"few-shot: k={p['k']} per class, classes {p['target_classes']} (backbone pretrained on "
+        f"{p['source_classes']}), {p['seeds']} seeds, {p['total_queries']} queries per run, "
+        f"splits {p['split_sizes']}",
+        f"{'method':<34} {'lr':>7} {'steps':>5} {'test acc ± 95% CI':>18} "
+        f"{'q→target':>9} {'ratio [95% CI]':>20} {'G*':>5} {'cv':>5}",
+    ]
+    for row in report["table"]:
+        cell = (
+            f"{row['method']:<34} {row['lr']:>7.4g} {row['steps']:>5} "
+            f"{row['test_mean']:>10.3f} ± {row['test_ci95']:.3f}"
+        )
+        if "ratio" in row:
+            lo, hi = row["ratio_ci95"]
+            cell += (
+                f" {row['queries_to_target']:>9.0f} {row['ratio']:>6.2f} [{lo:>5.2f}, {hi:>5.2f}]"
+                f" {row['gain_star_final']:>5.2f} {np.mean(row['alloc_cv_curve']):>5.2f}"
+            )
+        lines.append(cell)
+    first = report["table"][0]
+    lines.append(
+        f"target {first['target']:.3f} = final mean test accuracy of {first['reference']}; "
+        "ratio = queries to reach it / the reference's own (paired bootstrap over seeds)"
+    )
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    acc, gain, spread = axes
+    for row in report["table"]:
+        if "curve_queries" not in row:
+            acc.axhline(row["test_mean"], color="k", lw=1, label=f"{row['method']} (final)")
+            continue
+        q = np.asarray(row["curve_queries"])
+        style = "-" if row["allocator"] == "uniform" else "--"
+        acc.plot(q, row["curve_test_mean"], style, marker="o", ms=2.5, label=row["method"])
+        gain.plot(q, row["gain_star_curve"], style, label=row["method"])
+        spread.plot(q, row["alloc_cv_curve"], style, label=row["method"])
+    acc.axhline(report["table"][0]["target"], color="grey", ls=":", lw=1, label="target")
+    p = report["protocol"]
+    acc.set(
+        title=f"{p['k']}-shot, seed mean of {p['seeds']}, each at its best lr",
+        xlabel="queries consumed (backprop: forward equivalents)",
+        ylabel="test accuracy",
+    )
+    gain.set(title="G* = mean v / (mean √v)² over the k-shot set", xlabel="queries consumed")
+    spread.set(title="allocation spread: std/mean of counts", xlabel="queries consumed")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default="jobs/configs/fewshot_digits.yaml")
+    parser.add_argument("--k", type=int, default=16, help="training examples per class")
+    parser.add_argument("--seeds", type=int, default=8, help="k-shot draws (and head inits)")
+    parser.add_argument("--lrs", default="0.0003,0.001,0.003,0.01", help="step-size grid")
+    parser.add_argument("--total-queries", type=int, default=40_000, help="per run (rounded up)")
+    parser.add_argument("--mezo-q", type=int, default=2, help="spsa queries per datapoint")
+    parser.add_argument("--hidden", type=int, default=0, help="head hidden width (0: linear)")
+    parser.add_argument("--feature-block", type=int, default=1, help="backbone block to read")
+    parser.add_argument("--pretrain-epochs", type=int, default=80)
+    parser.add_argument("--data-dir", default=None, help="override data.dir")
+    parser.add_argument(
+        "--cache-dir", default=None, help="pretrained backbones (default RUNS/cache)"
+    )
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--runs", default="runs/bench", help="scratch directory")
+    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")
