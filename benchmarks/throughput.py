@@ -1,6 +1,8 @@
 """``python -m jobs.bench throughput``: what a query costs against plain inference.
 
-For the same model and sub-batch of rows:
+For each model (``--models``: timm ViT-S/16 and ViT-B/16 and open_clip ViT-B/32's image
+tower at 224 px, random initialisation; ``tiny``/``--quick``: the tests' ViT), each
+trainable mode and each sub-batch of rows (``--device cuda`` on a GPU):
 
 * **speed** — queries/s of each estimator's ``evaluate`` on one shard (a ``spsa``
   shard is 2 queries per row: θ±εu; an antithetic ``lr`` shard 2 per row: ±ε) against
@@ -13,7 +15,10 @@ For the same model and sub-batch of rows:
   byte, independent of the process RSS and of other processes). Measured for the plain
   forward, each estimator's queries (``evaluate``) and its whole step (``evaluate`` +
   ``write_grad``, which allocates the ``.grad`` buffers), and a backpropagation step
-  (forward + backward into fresh ``.grad``) of the same trainable parameters.
+  (forward + backward into fresh ``.grad``) of the same trainable parameters
+  (on CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``).
+* ``lr2`` is ``lr`` with ``two_pass`` (a second, accumulating forward instead of keeping
+  every layer's input until the loss is known); ``backprop`` is also timed.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ Each trainable nn.Linear (optionally nn.Conv2d) gets its own noise in the same f
 so one query estimates all layers at once. Samples are antithetic pairs (ε, −ε) by
 default, in which case the baseline cancels and the pair is a central difference.
 The gradient is accumulated as one matrix product per layer over the shard's rows.
+Memory: ε is never stored — each layer's generator state is, and ε is redrawn from it
+for the product — so a query keeps only the hooked layers' inputs until the loss is
+known; with ``two_pass`` not even those (a second forward replays the same queries and
+accumulates each layer as its hook fires).
 """
 
 from __future__ import annotations
