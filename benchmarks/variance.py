@@ -77,12 +77,12 @@ def _autograd(trainer: Trainer, ids) -> torch.Tensor:
 
 
 def true_variances(trainer: Trainer, ids, baselines, samples: int) -> np.ndarray:
-    """v_i = E‖ĝ_ik − g_i‖² per datapoint: SPSA from (D+1)‖g_i‖², LR by Monte Carlo."""
+    """v_i = E‖ĝ_ik − g_i‖² per datapoint: SPSA (Rademacher directions) from (D−1)‖g_i‖², LR by Monte Carlo."""
     v = np.zeros(len(ids))
     for i, point in enumerate(ids):
         g_i = _autograd(trainer, np.array([point]))
         if trainer.config.estimator.name == "spsa":
-            v[i] = (g_i.numel() + 1) * float(g_i @ g_i)
+            v[i] = (g_i.numel() - 1) * float(g_i @ g_i)
             continue
         errors = [
             float(

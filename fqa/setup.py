@@ -62,9 +62,11 @@ def configured_estimator(config: Config) -> Estimator:
 
 
 def build_estimator(config: Config, task) -> Estimator:
-    """The configured estimator, with the task's model prepared for it."""
+    """The configured estimator, with the task's model prepared for it; settings the
+    task's device or precision cannot honour fail here, before any query."""
     estimator = configured_estimator(config)
     estimator.prepare(task)
+    estimator.check(task)
     return estimator
 
 

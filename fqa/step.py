@@ -41,7 +41,7 @@ class QueryPlanner:
         self.estimator = estimator
         self.allocator = allocator
         self.stats = DatapointStats(config.allocator.stats_decay)
-        self.variance_scale = variance_scale  # E[stat²] -> v_i (spsa: D+1)
+        self.variance_scale = variance_scale  # E[stat²] -> v_i (spsa: D−1, docs/METHOD.md §7)
 
     def plan(self, step: int, ids: np.ndarray, losses: np.ndarray) -> Planned:
         cfg = self.config
