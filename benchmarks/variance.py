@@ -471,6 +471,3 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--overhead-steps", type=int, default=30, help="training steps per overhead measurement"
     )
-    parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--runs", default="runs/bench", help="scratch run directories")
-    parser.add_argument("--quick", action="store_true", help="tiny settings for tests")
