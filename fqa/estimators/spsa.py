@@ -71,6 +71,7 @@ class PerturbedModel:
         self.originals: dict[tuple[nn.Module, str], nn.Parameter] = {}
         self.params = [p for _, p in task.trainable_parameters()]
         self.bits: DirectionBits | None = None  # small parameters' bits, per direction
+        self.repeated_rows = 0  # queries spent learning which owners are silent (counted)
 
     def _swap(self, owner: nn.Module) -> None:
         for attr, index in self.by_owner[owner]:
@@ -122,6 +123,7 @@ class PerturbedModel:
             if not silent:
                 return losses
             self.whole |= silent  # read outside their module's forward: swap them throughout
+            self.repeated_rows += len(losses)  # the repeat is a real query: it is counted
 
 
 @ESTIMATORS.register("spsa")
@@ -180,6 +182,7 @@ class SPSAEstimator(Estimator):
             model = PerturbedModel(task, set())
             self._perturbed[task.model] = model
         eps = self.epsilon
+        repeated = model.repeated_rows
         loss_plus = model.query(shard.seed, eps, lambda: task.losses(shard.ids)).double()
         loss_minus = model.query(shard.seed, -eps, lambda: task.losses(shard.ids)).double()
         projected = ((loss_plus - loss_minus) / (2 * eps)).cpu().numpy()  # one host copy
@@ -190,7 +193,7 @@ class SPSAEstimator(Estimator):
             ids=shard.ids,
             values=projected,
             stat_values=projected,
-            queries=2 * len(shard),
+            queries=2 * len(shard) + model.repeated_rows - repeated,
             nonfinite=int(bad.sum()),
         )
 
