@@ -30,7 +30,14 @@ def _dig(data: dict[str, Any], dotted: str) -> Any:
     return data if data != {} else None
 
 
-OUTPUTS = ("results.parquet", "results.csv", "ranking.md", "best_config.yaml", "curves.png", "best.png")
+OUTPUTS = (
+    "results.parquet",
+    "results.csv",
+    "ranking.md",
+    "best_config.yaml",
+    "curves.png",
+    "best.png",
+)
 
 
 def read_metrics(path: Path | Remote) -> list[dict]:
@@ -188,7 +195,9 @@ def _label(row: pd.Series) -> str:
     return f"{row['allocator']} q={row['queries_per_datapoint']} lr={row['lr']:g} σ/ε={row['perturbation']:g}"
 
 
-def plot_curves(table: pd.DataFrame, sweep_dir: Path | Remote, out: Path, title: str, metric: str) -> None:
+def plot_curves(
+    table: pd.DataFrame, sweep_dir: Path | Remote, out: Path, title: str, metric: str
+) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for _, row in table.iterrows():
         path = sweep_dir / "runs" / row["trial_id"] / "metrics.jsonl"
