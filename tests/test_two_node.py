@@ -113,14 +113,16 @@ def two_nodes(tmp_path_factory, s3_server):
 
 
 def _stop_node(temp: Path) -> None:
-    """SIGTERM, then SIGKILL, the processes of the node whose temp dir this is (their
-    PIDs are in its session's logs/ directory names and the raylet's ``ps`` entries)."""
+    """SIGTERM, then SIGKILL, the processes of the node whose temp dir this is: every
+    Ray process names it on its command line, so no other Ray instance is touched."""
     pids = []
-    for line in subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True,
-                               text=True).stdout.splitlines():  # fmt: skip
-        pid, _, args = line.strip().partition(" ")
-        if str(temp) in args and int(pid) != os.getpid():
-            pids.append(int(pid))
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and str(temp) in args and int(proc.name) != os.getpid():
+            pids.append(int(proc.name))
     for sig in (15, 9):
         for pid in pids:
             try:
@@ -191,11 +193,11 @@ def _keys(s3_server: dict, prefix: str) -> set[str]:
 def _query_worker_nodes(cluster: dict) -> set[str]:
     """The node resources of every node a QueryWorker actor ran on (from Ray's state API)."""
     script = (
-        "import json, ray\n"
+        "import json\n"
         "from ray.util.state import list_actors, list_nodes\n"
-        f"ray.init(address={cluster['gcs']!r}, logging_level='ERROR')\n"
-        "nodes = {n.node_id: sorted(n.resources_total) for n in list_nodes(detail=True)}\n"
-        "actors = list_actors(filters=[('class_name', '=', 'QueryWorker')], limit=1000)\n"
+        f"url = {cluster['url']!r}\n"
+        "nodes = {n.node_id: sorted(n.resources_total) for n in list_nodes(url, detail=True)}\n"
+        "actors = list_actors(url, filters=[('class_name', '=', 'QueryWorker')], limit=1000)\n"
         "print(json.dumps(sorted({r for a in actors for r in nodes[a.node_id]\n"
         "                          if r in ('head', 'worker_node')})))\n"
     )
@@ -215,7 +217,7 @@ def test_a_submitted_job_trains_across_two_nodes_with_storage_on_s3(two_nodes, j
     done = _submit(
         two_nodes, job_dir,
         ["-m", "jobs.train", "--config", "twonode_job.yaml",
-         "--set", f"run.out_dir={out}", "cluster.num_workers=2"],
+         "--set", f"run.out_dir={out}", "--set", "cluster.num_workers=2"],
         s3_server["env"],
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
