@@ -20,14 +20,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from fqa.data import SPLITS, prepare_digits
 from tests.conftest import TINY_VIT
-
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -207,6 +206,8 @@ def _query_worker_nodes(cluster: dict) -> set[str]:
     return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_submitted_job_trains_across_two_nodes_with_storage_on_s3(two_nodes, job_dir, s3_server):
     bucket = s3_server["bucket"]
     config = {"run": {"name": "two-node", "seed": 0},
@@ -237,6 +238,8 @@ def test_a_submitted_job_trains_across_two_nodes_with_storage_on_s3(two_nodes, j
     assert "worker_node" in _query_worker_nodes(two_nodes)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_sweep_runs_across_two_nodes_with_storage_on_s3(two_nodes, job_dir, s3_server):
     bucket = s3_server["bucket"]
     sweep = {
@@ -271,3 +274,50 @@ def test_a_sweep_runs_across_two_nodes_with_storage_on_s3(two_nodes, job_dir, s3
     assert "gaussian" in body and "uniform" in body
     # both trials (one worker each) fit nowhere but across the nodes: 1 + 2 CPUs
     assert "worker_node" in _query_worker_nodes(two_nodes)
+
+
+def test_sweep_outputs_are_uploaded_when_the_storage_is_on_s3(s3):
+    """write_outputs on an s3:// sweep directory (no Ray: two finished trials' run
+    directories put in the bucket by hand) stages its files locally and uploads them."""
+    from cluster.sweep_config import parse_sweep
+    from cluster.sweep_results import OUTPUTS, write_outputs
+    from fqa.storage import location
+
+    raw = {
+        "name": "s3-outputs",
+        "storage": f"{s3['prefix']}/sweeps",
+        "config": {**_tiny(f"{s3['prefix']}/data"), "cluster": {"num_workers": 1}},
+        "space": {"allocator.name": {"grid": ["uniform", "gaussian"]}},
+        "total_queries": 384,
+        "evals_per_trial": 2,
+    }
+    sweep, base = parse_sweep(raw)
+    sweep_dir = location(raw["storage"]) / sweep.name
+    grid = []
+    for trial, (allocator, accuracy) in enumerate([("uniform", 0.5), ("gaussian", 0.75)]):
+        run_dir = sweep_dir / "runs" / f"trial_{trial}"
+        config = base.model_dump(mode="json")
+        config["allocator"]["name"] = allocator
+        config["train"]["steps"] = 2
+        (run_dir / "config.json").write_text(json.dumps(config))
+        records = [{"step": s, "queries": 64 * (s + 1), "val_accuracy": accuracy} for s in (0, 1)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        grid.append(
+            SimpleNamespace(
+                path=f"/nowhere/trial_{trial}",
+                config={"allocator.name": allocator},
+                error=None,
+                metrics={"time_total_s": 1.0},
+            )
+        )
+    summary = write_outputs(grid, sweep, base, sweep_dir)
+    assert summary["dir"] == str(sweep_dir) and summary["status"] == {"TERMINATED": 2}
+    assert summary["best_trial"] == "trial_1" and summary["best_val_accuracy"] == 0.75
+    for name in OUTPUTS:
+        assert (sweep_dir / name).is_file(), name
+    assert "| gaussian | 4 | 0.7500 |" in (sweep_dir / "ranking.md").read_text()
+    import pyarrow.parquet as pq
+
+    path, fs = (sweep_dir / "results.parquet").arrow()
+    table = pq.read_table(path, filesystem=fs).to_pandas()
+    assert sorted(table["allocator"]) == ["gaussian", "uniform"]
