@@ -18,7 +18,7 @@ import yaml
 
 from cluster.sweep_config import SweepConfig, trial_config
 from fqa.config import Config, with_overrides
-from fqa.plots import read_metrics
+from fqa.storage import Remote, scratch_dir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,7 +30,22 @@ def _dig(data: dict[str, Any], dotted: str) -> Any:
     return data if data != {} else None
 
 
-def trial_rows(result_grid, sweep: SweepConfig, sweep_dir: Path) -> list[dict[str, Any]]:
+OUTPUTS = (
+    "results.parquet",
+    "results.csv",
+    "ranking.md",
+    "best_config.yaml",
+    "curves.png",
+    "best.png",
+)
+
+
+def read_metrics(path: Path | Remote) -> list[dict]:
+    """metrics.jsonl records, from a local path or object storage."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def trial_rows(result_grid, sweep: SweepConfig, sweep_dir: Path | Remote) -> list[dict[str, Any]]:
     """One row per trial: its sampled parameters, the config facts the ranking groups
     by, the best and final value of the sweep's metric (and the best validation accuracy),
     queries consumed, wall time and status."""
@@ -107,16 +122,31 @@ def ranking(table: pd.DataFrame, metric: str = "val_accuracy", mode: str = "max"
     return best.sort_values(column, ascending=mode != "max", kind="stable").reset_index(drop=True)
 
 
-def write_outputs(result_grid, sweep: SweepConfig, base: Config, sweep_dir: Path) -> dict[str, Any]:
+def write_outputs(
+    result_grid, sweep: SweepConfig, base: Config, sweep_dir: Path | Remote
+) -> dict[str, Any]:
+    """Write the outputs into sweep_dir; on object storage they are written to a local
+    staging directory first (pandas and matplotlib want files) and then uploaded."""
+    remote = isinstance(sweep_dir, Remote)
+    out_dir = scratch_dir("fqa-sweep-") if remote else sweep_dir
+    summary = _write(result_grid, sweep, base, sweep_dir, out_dir)
+    if remote:
+        for name in OUTPUTS:
+            if (out_dir / name).is_file():
+                (sweep_dir / name).upload(out_dir / name)
+    return summary
+
+
+def _write(result_grid, sweep, base, sweep_dir: Path | Remote, out_dir: Path) -> dict[str, Any]:
     rows = trial_rows(result_grid, sweep, sweep_dir)
     table = pd.DataFrame(rows)
     if rows:  # Tune lists restored trials in another order
         table = table.sort_values("trial_id").reset_index(drop=True)
-    table.to_parquet(sweep_dir / "results.parquet", index=False)
-    table.to_csv(sweep_dir / "results.csv", index=False)
+    table.to_parquet(out_dir / "results.parquet", index=False)
+    table.to_csv(out_dir / "results.csv", index=False)
     metric, column = sweep.metric, f"best_{sweep.metric}"
     ranked = ranking(table, metric, sweep.mode)
-    (sweep_dir / "ranking.md").write_text(_markdown(ranked, metric) + "\n")
+    (out_dir / "ranking.md").write_text(_markdown(ranked, metric) + "\n")
     out: dict[str, Any] = {
         "dir": str(sweep_dir),
         "trials": len(rows),
@@ -127,7 +157,7 @@ def write_outputs(result_grid, sweep: SweepConfig, base: Config, sweep_dir: Path
         params = {key: winner[key] for key in sweep.space}
         best = trial_config(base, sweep, _python(params))
         best = with_overrides(best, {"run.name": f"{sweep.name}-best"})
-        (sweep_dir / "best_config.yaml").write_text(
+        (out_dir / "best_config.yaml").write_text(
             f"# best trial {winner['trial_id']} of sweep {sweep.name}: "
             f"{metric} {winner[column]:.4f}\n"
             + yaml.safe_dump(best.model_dump(mode="json"), sort_keys=False)
@@ -137,8 +167,8 @@ def write_outputs(result_grid, sweep: SweepConfig, base: Config, sweep_dir: Path
             **{column: float(winner[column])},
             best_params=_python(params),
         )
-    plot_curves(table, sweep_dir, sweep_dir / "curves.png", sweep.name, metric)
-    plot_best(ranked, sweep_dir / "best.png", sweep.name, metric)
+    plot_curves(table, sweep_dir, out_dir / "curves.png", sweep.name, metric)
+    plot_best(ranked, out_dir / "best.png", sweep.name, metric)
     return out
 
 
@@ -165,7 +195,9 @@ def _label(row: pd.Series) -> str:
     return f"{row['allocator']} q={row['queries_per_datapoint']} lr={row['lr']:g} σ/ε={row['perturbation']:g}"
 
 
-def plot_curves(table: pd.DataFrame, sweep_dir: Path, out: Path, title: str, metric: str) -> None:
+def plot_curves(
+    table: pd.DataFrame, sweep_dir: Path | Remote, out: Path, title: str, metric: str
+) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for _, row in table.iterrows():
         path = sweep_dir / "runs" / row["trial_id"] / "metrics.jsonl"
