@@ -253,6 +253,8 @@ def overhead_config(args, estimator: str):
     if args.quick:
         overrides["pretrain.epochs"] = 1
     config = load_config(args.config, overrides)
+    if not config.pretrain.enabled:  # random-init weights: a step costs the same
+        return config
     return with_overrides(
         config, {"model.checkpoint": str(ensure_pretrained(config, not args.quick))}
     )
