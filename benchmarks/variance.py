@@ -22,6 +22,7 @@ by bootstrap over repetitions. Writes variance.json and variance.png.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -52,7 +53,9 @@ ALLOCATORS = (
     "ceiling_monotone",
     "oracle",
 )
-LEARNED = ("gaussian", "loss_curve")  # learned online, overhead measured at B=64
+# allocation overhead measured at B=64 on the main task: the learned allocators and,
+# for scale, the cheap ones (their cost is the shared planning path alone)
+OVERHEAD_ALLOCATORS = ("uniform", "neyman", "gaussian", "loss_curve")
 HINDSIGHT_PASSES = 500  # Adam steps of ceiling_gaussian on the true variances
 
 
@@ -196,32 +199,65 @@ def learn_allocators(
     )
 
 
-def measure_overhead(config, name: str, batch_size: int, steps: int) -> dict:
-    """Allocation overhead of allocator ``name`` in training steps at ``batch_size``:
-    planning (statistics lookup, allocation, sharding) plus learning (statistics update,
-    allocator update), as a fraction of the whole step (pre-pass, queries, optimizer)."""
-    config = with_overrides(
-        config,
-        {
-            "allocator.name": name,
-            "train.batch_size": batch_size,
-            "run.name": f"{config.run.name}-overhead-{name}",
-        },
-    )
-    trainer = Trainer(config)
-    overhead, total = 0.0, 0.0
-    for step in range(steps):
-        metrics = trainer.step()
-        if step >= 2:  # the first steps warm caches and grow the statistics arrays
-            total += metrics["step_seconds"]
-            overhead += metrics["plan_seconds"] + metrics.get("learn_seconds", 0.0)
-    return {
-        "allocator": name,
-        "batch_size": batch_size,
-        "steps": steps,
-        "overhead": overhead / max(total, 1e-12),
-        "ms_per_step": 1000 * overhead / max(steps - 2, 1),
+def measure_overheads(config, names, batch_size: int, steps: int) -> list[dict]:
+    """Allocation overhead of each allocator in ``names`` in training steps at
+    ``batch_size``: planning (statistics lookup, allocation, sharding) plus learning
+    (statistics update, allocator update), as a fraction of the whole step (pre-pass,
+    queries, optimizer). One trainer per allocator, stepped in turn, so a change of
+    machine load falls on all of them alike."""
+    trainers = {
+        name: Trainer(
+            with_overrides(
+                config,
+                {
+                    "allocator.name": name,
+                    "train.batch_size": batch_size,
+                    "run.name": f"{config.run.name}-overhead-{name}",
+                },
+            )
+        )
+        for name in names
     }
+    overhead = dict.fromkeys(names, 0.0)
+    total = dict.fromkeys(names, 0.0)
+    for step in range(steps):
+        for name, trainer in trainers.items():
+            metrics = trainer.step()
+            if step >= 2:  # the first steps warm caches and grow the statistics arrays
+                total[name] += metrics["step_seconds"]
+                overhead[name] += metrics["plan_seconds"] + metrics.get("learn_seconds", 0.0)
+    for trainer in trainers.values():
+        trainer.close()
+    return [
+        {
+            "allocator": name,
+            "batch_size": batch_size,
+            "steps": steps,
+            "overhead": overhead[name] / max(total[name], 1e-12),
+            "ms_per_step": 1000 * overhead[name] / max(steps - 2, 1),
+            "step_ms": 1000 * total[name] / max(steps - 2, 1),
+        }
+        for name in names
+    ]
+
+
+def overhead_config(args, estimator: str):
+    """The main task's config (``--config``) with ``estimator``, unchanged otherwise."""
+    overrides = {
+        "estimator.name": estimator,
+        "train.progress": False,
+        "run.resume": False,
+        "run.out_dir": args.runs,
+        "run.name": f"bench-variance-{estimator}",
+    }
+    if args.quick:
+        overrides["pretrain.epochs"] = 1
+    config = load_config(args.config, overrides)
+    if not config.pretrain.enabled:  # random-init weights: a step costs the same
+        return config
+    return with_overrides(
+        config, {"model.checkpoint": str(ensure_pretrained(config, not args.quick))}
+    )
 
 
 def refit_gaussian(
@@ -357,9 +393,12 @@ def run_one_estimator(args, estimator: str) -> dict:
                 }
             )
     bar.close()
-    overheads = [
-        measure_overhead(config, name, args.overhead_batch, args.overhead_steps) for name in LEARNED
-    ]
+    overheads = measure_overheads(
+        overhead_config(args, estimator),
+        OVERHEAD_ALLOCATORS,
+        args.overhead_batch,
+        args.overhead_steps,
+    )
     return {
         "estimator": estimator,
         "gain_star": gain_star,
@@ -383,6 +422,19 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     estimators = ["lr", "spsa"] if args.estimator == "both" else [args.estimator]
     started = time.perf_counter()
+    if args.overhead_only:  # the overhead paragraph of docs/RESULTS.md, in minutes
+        rows = []
+        for name in estimators:
+            config = overhead_config(args, name)
+            for row in measure_overheads(
+                config, OVERHEAD_ALLOCATORS, args.overhead_batch, args.overhead_steps
+            ):
+                rows.append({**row, "estimator": name})
+        report = {"overhead": rows}
+        report["wall_seconds"] = time.perf_counter() - started
+        Path(args.out, "variance_overhead.json").write_text(json.dumps(report, indent=1))
+        print("\n".join(_overhead_lines(report["overhead"])))
+        return report
     report = {"results": [run_one_estimator(args, name) for name in estimators]}
     report["wall_seconds"] = time.perf_counter() - started
     write_report(args.out, "variance", report, _plot)
@@ -398,11 +450,7 @@ def format_report(report: dict) -> str:
             f"{result['reps']} reps): theoretical Neyman gain G* = {result['gain_star']:.2f}; "
             f"allocation overhead {100 * result['allocation_overhead']:.2f}% of step time"
         )
-        for row in result.get("overhead", []):
-            lines.append(
-                f"  overhead {row['allocator']:<10} at B={row['batch_size']}: "
-                f"{100 * row['overhead']:.2f}% of step time ({row['ms_per_step']:.2f} ms/step)"
-            )
+        lines.extend(_overhead_lines(result.get("overhead", [])))
         lines.append(
             f"  {'budget':>6} {'allocator':<16} {'error ± se':>20} {'vs uniform':>10} "
             f"{'of oracle gain ± se':>20} {'expected':>9}"
@@ -415,6 +463,15 @@ def format_report(report: dict) -> str:
                 f"{row.get('expected_share', float('nan')):>9.3f}"
             )
     return "\n".join(lines)
+
+
+def _overhead_lines(rows: list[dict]) -> list[str]:
+    return [
+        f"  overhead {row.get('estimator', '')} {row['allocator']:<10} at B={row['batch_size']}: "
+        f"{100 * row['overhead']:.2f}% of step time ({row['ms_per_step']:.2f} ms of "
+        f"{row['step_ms']:.0f} ms/step)"
+        for row in rows
+    ]
 
 
 def _plot(report: dict, path: Path) -> None:
@@ -470,4 +527,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--overhead-steps", type=int, default=30, help="training steps per overhead measurement"
+    )
+    parser.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="only the allocation overhead at --overhead-batch (writes variance_overhead.json)",
     )

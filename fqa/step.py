@@ -161,8 +161,9 @@ def variance_estimate(planned: Planned, results: list[ShardResult], variance_sca
     ids = planned.request.ids
     sample_ids = np.concatenate([r.ids for r in results])
     sq = np.concatenate([r.stat_values for r in results]) ** 2 * variance_scale
-    position = {int(i): k for k, i in enumerate(ids)}
-    per_point = np.zeros(len(ids))
-    np.add.at(per_point, [position[int(i)] for i in sample_ids], sq)
+    # each sample's row in the batch by binary search over the sorted ids (no per-id dict)
+    order = np.argsort(ids, kind="stable")
+    rows = order[np.searchsorted(ids, sample_ids, sorter=order)]
+    per_point = np.bincount(rows, weights=sq, minlength=len(ids))
     counts = planned.allocation.counts
     return float(np.sum(per_point / counts**2) / len(counts) ** 2)

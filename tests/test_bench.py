@@ -54,7 +54,12 @@ def test_variance_quick(tmp_path, digits_dir, capsys):
             "ceiling_monotone",
             "oracle",
         }
-        assert [o["allocator"] for o in result["overhead"]] == ["gaussian", "loss_curve"]
+        assert [o["allocator"] for o in result["overhead"]] == [
+            "uniform",
+            "neyman",
+            "gaussian",
+            "loss_curve",
+        ]
         assert all(0 < o["overhead"] < 1 for o in result["overhead"])
         assert all(r["error"] > 0 and r["error_se"] >= 0 for r in rows)
         assert result["gain_star"] >= 1 - 1e-9  # mean(v)/mean(√v)² ≥ 1 (Jensen)
