@@ -89,15 +89,11 @@ def cells(q: int = 10, mezo_q: int = 2) -> list[Cell]:
         Cell(f"lr/{a} q={q}", "lr", a, q) for a in ("uniform", "neyman", "gaussian", "bernoulli")
     ]
     if count_weighting_available():  # the authors' count weighting, beside the unbiased ones
-        out.append(
-            Cell(
-                f"lr/neyman q={q} weighting=count",
-                "lr",
-                "neyman",
-                q,
-                {"estimator.weighting": "count"},
-            )
-        )
+        # only non-uniform allocators: with equal counts, count weighting is the estimator
+        out += [
+            Cell(f"lr/{a} q={q} weighting=count", "lr", a, q, {"estimator.weighting": "count"})
+            for a in ("neyman", "gaussian")
+        ]
     return out
 
 
@@ -362,6 +358,8 @@ def run(args) -> dict[str, Any]:
         return _write(json.loads((Path(args.out) / "fewshot.json").read_text()), args.out)
     if args.quick:
         args.seeds, args.lrs, args.total_queries, args.pretrain_epochs = 2, "0.003", 2000, 2
+    if args.add_cells:
+        return add_cells(args)
     overrides = {"pretrain.epochs": args.pretrain_epochs, "run.out_dir": args.runs}
     overrides["pretrain.cache_dir"] = args.cache_dir or str(Path(args.runs) / "cache")
     if args.data_dir:
@@ -373,6 +371,12 @@ def run(args) -> dict[str, Any]:
     chosen = [
         c for c in cells(base.train.queries_per_datapoint, args.mezo_q) if c.estimator in wanted
     ]
+    if args.cells:  # a subset of those, by label (e.g. an ablation beside its twins)
+        labels = [x.strip() for x in args.cells.split(",") if x.strip()]
+        unknown = sorted(set(labels) - {c.label for c in chosen})
+        if unknown:
+            raise ValueError(f"--cells: {unknown} not among {[c.label for c in chosen]}")
+        chosen = [c for c in chosen if c.label in labels]
     if not any(c.estimator == "lr" and c.allocator == "uniform" for c in chosen):
         raise ValueError(f"--estimators={args.estimators} must include lr (the uniform reference)")
     total = equal_budget(args.total_queries, base.train.batch_size, chosen)
@@ -415,12 +419,117 @@ def run(args) -> dict[str, Any]:
     return _write(report, args.out)
 
 
+def add_cells(args) -> dict[str, Any]:
+    """Run only the cells named in --add-cells under OUT/fewshot.json's own protocol (its
+    seeds, step-size grid, k, head and total queries) and merge their runs into it. The
+    first stored lr run is re-run first: the merge is refused unless it reproduces exactly,
+    so the new cells see the same backbone, k-shot sets and head inits as the old ones."""
+    from fqa.config import load_config, with_overrides
+
+    path = Path(args.out) / "fewshot.json"
+    report = json.loads(path.read_text())
+    p = report["protocol"]
+    by_label = {
+        c.label: c for c in cells(p["queries_per_datapoint"], p["mezo_queries_per_datapoint"])
+    }
+    wanted = [x.strip() for x in args.add_cells.split(",") if x.strip()]
+    have = {c["label"] for c in report["cells"]}
+    for label in wanted:
+        if label not in by_label:
+            raise ValueError(f"--add-cells: {label!r} is not a cell; choose from {list(by_label)}")
+        if label in have:
+            raise ValueError(f"--add-cells: {label!r} is already in {path}; drop it from the list")
+    new = [by_label[x] for x in wanted]
+    overrides = {"pretrain.epochs": args.pretrain_epochs, "run.out_dir": args.runs}
+    overrides["pretrain.cache_dir"] = args.cache_dir or str(Path(args.runs) / "cache")
+    if args.data_dir:
+        overrides["data.dir"] = args.data_dir
+    base = load_config(args.config, overrides)
+    if base.train.batch_size != p["batch_size"]:
+        raise ValueError(
+            f"{args.config} has batch_size {base.train.batch_size}, {path} used "
+            f"{p['batch_size']}; pass the config the stored runs used"
+        )
+    total = p["total_queries"]
+    for cell in new:
+        if total % (cell.queries_per_step(p["batch_size"]) * EVALUATIONS):
+            raise ValueError(f"{cell.label} cannot spend {path}'s total {total} exactly")
+    started = time.perf_counter()
+    pool = target_pool(base, p["feature_block"])
+    if pool.ids.tolist() != report["pool_ids"]:
+        raise ValueError(f"the target pool differs from {path}'s: not the same data")
+    splits = {
+        int(s): {n: np.asarray(r) for n, r in v.items()}
+        for s, v in report["splits_by_seed"].items()
+    }
+    known = {c["label"]: Cell(**c) for c in report["cells"]}
+
+    def one(cell: Cell, seed: int, lr: float) -> dict[str, Any]:
+        config = with_overrides(base, {"run.seed": seed, "train.lr": lr})
+        return run_one(config, cell, pool, splits[seed], total, p["head_hidden"])
+
+    check = next(r for r in report["runs"] if known[r["cell"]].estimator == "lr")
+    again = one(known[check["cell"]], check["seed"], check["lr"])
+    if again["curve"]["test_accuracy"] != check["curve"]["test_accuracy"]:
+        raise RuntimeError(
+            f"re-running {check['cell']} seed {check['seed']} lr {check['lr']} gave test curve "
+            f"{again['curve']['test_accuracy']} instead of the stored "
+            f"{check['curve']['test_accuracy']}: a different backbone or thread count; "
+            "rerun the whole bench instead of merging"
+        )
+    from tqdm.auto import tqdm
+
+    jobs = [(c, seed, lr) for c in new for lr in p["lr_grid"] for seed in range(p["seeds"])]
+    for cell, seed, lr in tqdm(jobs, desc="added cells", disable=args.quick):
+        report["runs"].append(one(cell, seed, lr))
+    report["cells"] += [asdict(c) for c in new]
+    p["count_weighting"] = count_weighting_available()
+    report.setdefault("added", []).append(
+        {
+            "cells": wanted,
+            "wall_seconds": time.perf_counter() - started,
+            "reproduced": check["cell"],
+        }
+    )
+    return _write(report, args.out)
+
+
+def weighting_table(runs: list[dict], chosen: list[Cell]) -> list[dict]:
+    """Count weighting against the unbiased estimator with the same allocator, at each
+    step size: final test accuracy paired over seeds (same k-shot set and head init)."""
+    rows = []
+    for cell in chosen:
+        if cell.overrides.get("estimator.weighting") != "count":
+            continue
+        twin = f"lr/{cell.allocator} q={cell.q}"
+        for lr in sorted({r["lr"] for r in runs if r["cell"] == cell.label}):
+            mine, base = _group(runs, cell.label, lr), _group(runs, twin, lr)
+            if [r["seed"] for r in mine] != [r["seed"] for r in base] or not base:
+                continue
+            diff = np.array(
+                [a["test_accuracy"] - b["test_accuracy"] for a, b in zip(mine, base, strict=True)]
+            )
+            rows.append(
+                {
+                    "lr": lr,
+                    "method": cell.label,
+                    "unbiased": twin,
+                    "test_mean": float(np.mean([r["test_accuracy"] for r in mine])),
+                    "unbiased_test_mean": float(np.mean([r["test_accuracy"] for r in base])),
+                    "diff_mean": float(diff.mean()),
+                    "diff_ci95": _t_half_width(diff),
+                }
+            )
+    return rows
+
+
 def _write(report: dict, out: str) -> dict[str, Any]:
     """Summarise the runs into the tables, write fewshot.json and .png, print the tables."""
     chosen = [Cell(**c) for c in report["cells"]]
     sizes = report["protocol"]["split_sizes"]
     report["table"] = summarise(report["runs"], chosen, sizes)
     report["shared_lr"] = shared_lr_table(report["runs"], chosen)
+    report["weighting"] = weighting_table(report["runs"], chosen)
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     (path / "fewshot.json").write_text(json.dumps(report, indent=1))
@@ -602,6 +711,15 @@ def format_table(report: dict) -> str:
             f"  lr={row['lr']:<7.4g} {row['method']:<26} final {row['test_mean']:.3f} vs "
             f"{row['target']:.3f}  ratio {row['ratio']:>5.2f} [{lo:>5.2f}, {hi:>5.2f}]"
         )
+    if report["weighting"]:
+        lines.append(
+            "count weighting against the unbiased estimator, same allocator and step size:"
+        )
+    for row in report["weighting"]:
+        lines.append(
+            f"  lr={row['lr']:<7.4g} {row['method']:<34} final {row['test_mean']:.3f} vs "
+            f"{row['unbiased_test_mean']:.3f}  diff {row['diff_mean']:+.3f} ± {row['diff_ci95']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -652,6 +770,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--runs", default="runs/bench", help="scratch directory")
     parser.add_argument("--quick", action="store_true", help="tiny settings for tests")
+    parser.add_argument("--cells", default=None, help="comma-separated cell labels: run only these")
+    parser.add_argument(
+        "--add-cells",
+        default=None,
+        help="comma-separated cell labels: run only these under OUT/fewshot.json's protocol "
+        "and merge them into it",
+    )
     parser.add_argument(
         "--resummarise", action="store_true", help="rebuild tables and plot from OUT/fewshot.json"
     )

@@ -37,6 +37,10 @@ def test_every_cell_spends_the_same_total_on_step_boundaries():
         "lr/gaussian q=10",
         "lr/bernoulli q=10",
     ]
+    # the biased count-weighting ablation pairs only with non-uniform allocators (with
+    # equal counts it is the unbiased estimator)
+    counted = [c for c in chosen if c.overrides.get("estimator.weighting") == "count"]
+    assert [c.allocator for c in counted] == ["neyman", "gaussian"]
     total = equal_budget(40_000, 16, chosen)
     assert total >= 40_000
     for cell in chosen:
@@ -99,11 +103,35 @@ def test_fewshot_quick(tmp_path, digits_dir, capsys):
     reference = rows[rows["backprop"]["reference"]]
     assert reference["ratio"] == pytest.approx(1.0)
     # each allocator against uniform at the same step size, for the whole grid
+    counted = [f"lr/{a} q=10 weighting=count" for a in ("neyman", "gaussian")]
     assert {(r["lr"], r["method"]) for r in report["shared_lr"]} == {
-        (0.003, f"lr/{a} q=10") for a in ("neyman", "gaussian", "bernoulli")
+        (0.003, label)
+        for label in [f"lr/{a} q=10" for a in ("neyman", "gaussian", "bernoulli")] + counted
     }
+    # count weighting against the unbiased estimator with the same allocator, paired by seed
+    assert [(r["method"], r["unbiased"]) for r in report["weighting"]] == [
+        (label, label.removesuffix(" weighting=count")) for label in counted
+    ]
     assert "test acc" in capsys.readouterr().out
     # the tables are a pure function of the runs: rebuilding them changes nothing
     assert main(["fewshot", "--resummarise", "--out", str(out)]) == 0
     rebuilt = json.loads((out / "fewshot.json").read_text())
     assert rebuilt["table"] == report["table"] and rebuilt["shared_lr"] == report["shared_lr"]
+
+    # --add-cells: drop the count cells, add them back under the stored protocol; the merged
+    # runs are the ones the full run made (same backbone, k-shot sets, head inits)
+    stripped = dict(report)
+    stripped["cells"] = [c for c in report["cells"] if c["label"] not in counted]
+    stripped["runs"] = [r for r in report["runs"] if r["cell"] not in counted]
+    (out / "fewshot.json").write_text(json.dumps(stripped))
+    add = ["--add-cells", ",".join(counted), "--runs", str(tmp_path / "r")]
+    assert main(argv + add) == 0
+    merged = json.loads((out / "fewshot.json").read_text())
+    key = lambda r: (r["cell"], r["seed"], r["lr"])  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert sorted(map(strip, merged["runs"]), key=key) == sorted(
+        map(strip, report["runs"]), key=key
+    )
+    assert merged["table"] == report["table"] and merged["weighting"] == report["weighting"]
+    with pytest.raises(ValueError, match="already in"):
+        main(argv + add)
