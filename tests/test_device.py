@@ -256,18 +256,21 @@ gpu = [
 DEVICES = ["cpu", pytest.param("cuda", marks=gpu)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
 @pytest.mark.parametrize("name", ["spsa", "lr"])
 def test_estimators_are_unbiased_on_every_device(device, name):
+    """tests/test_estimators.py's unbiasedness test, on the GPU (on the CPU it is that test).
+    Last block + head, as there: with the head alone the coordinates of an lr draw share
+    one scalar per row, so mean z² over them does not concentrate near 1 at 200-300 draws."""
     from tests.conftest import make_vit_task
     from tests.test_estimators import COUNTS, IDS, _draws, _prepare, _z_scores
 
-    task = make_vit_task("head")
+    task = make_vit_task("last_blocks")
     task.model.to(device)
     task.x, task.y = task.x.to(device), task.y.to(device)
     estimator = _prepare(task, name)
     truth = task.autograd_gradient(IDS)
-    z = _z_scores(_draws(task, estimator, reps=200, counts=COUNTS), truth)
+    z = _z_scores(_draws(task, estimator, reps=300, counts=COUNTS), truth)
     assert 0.75 < float((z**2).mean()) < 1.35  # z ~ N(0, 1) per coordinate if unbiased
 
 
