@@ -27,7 +27,9 @@ def test_training_run_on_s3_matches_local(tiny_config, s3, caplog):
     object written, and a resume with more steps picks up at the last checkpoint."""
     local = Trainer(tiny_config()).fit()
     remote_config = _s3_config(tiny_config, s3)
-    summary = Trainer(remote_config).fit()
+    trainer = Trainer(remote_config)
+    summary = trainer.fit()
+    trainer.storage.plot("t")  # the reporter's plot, uploaded beside the metrics
     run_dir = location(f"{s3['prefix']}/runs/t")
     assert summary["run_dir"] == str(run_dir)
     assert summary["test_loss"] == local["test_loss"]  # storage changes nothing numeric
@@ -313,7 +315,7 @@ def test_resume_or_fresh_start_is_logged(tiny_config, caplog):
 
 
 def test_fqa_train_with_a_comparison_writes_its_outputs_to_s3(tiny_config, s3):
-    from fqa.experiment import run_experiment
+    from jobs.experiment import run_experiment
 
     config = _s3_config(tiny_config, s3, train={"steps": 3}, compare={"allocators": ["neyman"]})
     result = run_experiment(config)
