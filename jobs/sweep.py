@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    owns_ray = False
+    owns_ray = joined = False
     try:
         from cluster.sweep_config import load_sweep
 
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.sweep_results import write_outputs
         from cluster.tune import run_sweep
 
+        joined = not ray.is_initialized()  # this process connected (or started) Ray itself
         owns_ray = connect()
         results, sweep_dir = run_sweep(sweep, base, resume=args.resume)
         summary = write_outputs(results, sweep, base, sweep_dir)
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
-        if owns_ray:
+        # disconnect even from a cluster this process only joined: Ray flushes its
+        # deduplicated worker logs then, so they land before the summary line
+        if owns_ray or joined:
             ray.shutdown()
     print(json.dumps(summary), flush=True)
     return 0

@@ -293,7 +293,10 @@ def test_a_killed_sweep_driver_is_resumed_and_every_trial_completes_once(
     assert resumed.returncode == 0, output[-3000:]
     # a person reading the log: the JSON summary is the very last line, and Tune's own
     # status table (whose "current best" disagrees with the ranking) is not in it
-    summary = json.loads(output.strip().splitlines()[-1])
+    assert output.strip(), "the resumed sweep printed nothing"
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("{"), output[-2000:]
+    summary = json.loads(last)
     assert summary["trials"] == 2 and summary["status"] == {"TERMINATED": 2}
     assert "Current best trial" not in output
     table = pd.read_csv(tmp_path / "sweeps" / "tiny" / "results.csv")
