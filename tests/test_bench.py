@@ -127,7 +127,6 @@ def test_throughput_quick(tmp_path, digits_dir, capsys):
     report = json.loads((out / "throughput.json").read_text())
     assert [r["rows"] for r in report["results"]] == [16, 64]
     for result in report["results"]:
-        assert set(result["fraction_of_forward"]) == {"spsa", "lr"}  # ratios: no timing asserted
         memory = result["peak_bytes"]
         # lr estimates only Linear weights and freezes the rest (norms, embeddings): with
         # full fine-tuning it trains strictly fewer parameters than spsa
