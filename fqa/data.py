@@ -414,6 +414,31 @@ def check_schema(
     return is_binary, shape
 
 
+def ids_and_labels(path, table: pa.Table) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``index`` column (unique) and the ``label`` column if any (non-negative),
+    checked; shared by the eager loader and the lazy index (fqa.lazy_data)."""
+    ids = _int_column(path, table, "index")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        dup = uniq[counts > 1]
+        raise _fail(
+            path,
+            f"column 'index' has {len(dup)} duplicated values, e.g. {dup[:5].tolist()}",
+            "give every datapoint a unique stable index",
+        )
+    labels = None
+    if "label" in table.column_names:
+        labels = _int_column(path, table, "label")
+        if labels.min() < 0:
+            row = int(np.argmin(labels))
+            raise _fail(
+                path,
+                f"negative label {labels[row]} at index {ids[row]}",
+                "class ids must be 0..num_classes-1",
+            )
+    return ids, labels
+
+
 def load_image_dataset(
     path: str | Path, require_caption: bool = False, require_label: bool = True
 ) -> ImageDataset:
@@ -452,25 +477,7 @@ def load_image_dataset(
     if table.num_rows == 0:
         raise _fail(path, "dataset is empty (0 rows)", "write at least one datapoint")
 
-    ids = _int_column(path, table, "index")
-    uniq, counts = np.unique(ids, return_counts=True)
-    if len(uniq) != len(ids):
-        dup = uniq[counts > 1]
-        raise _fail(
-            path,
-            f"column 'index' has {len(dup)} duplicated values, e.g. {dup[:5].tolist()}",
-            "give every datapoint a unique stable index",
-        )
-    labels = None
-    if "label" in table.column_names:
-        labels = _int_column(path, table, "label")
-        if labels.min() < 0:
-            row = int(np.argmin(labels))
-            raise _fail(
-                path,
-                f"negative label {labels[row]} at index {ids[row]}",
-                "class ids must be 0..num_classes-1",
-            )
+    ids, labels = ids_and_labels(path, table)
     captions = None
     if "caption" in table.column_names:
         if table.column("caption").null_count:

@@ -30,9 +30,9 @@ from fqa.data import (
     _array_images,
     _binary_images,
     _fail,
-    _int_column,
     _read_sidecar,
     check_schema,
+    ids_and_labels,
 )
 from fqa.storage import Remote, arrow_source
 
@@ -214,25 +214,7 @@ def open_lazy(
         raise _fail(
             source, f"cannot read its data, perhaps corrupt or truncated ({e})", "rewrite the file"
         ) from e
-    ids = _int_column(source, table, "index")
-    uniq, counts = np.unique(ids, return_counts=True)
-    if len(uniq) != len(ids):
-        dup = uniq[counts > 1]
-        raise _fail(
-            source,
-            f"column 'index' has {len(dup)} duplicated values, e.g. {dup[:5].tolist()}",
-            "give every datapoint a unique stable index",
-        )
-    labels = None
-    if "label" in table.column_names:
-        labels = _int_column(source, table, "label")
-        if labels.min() < 0:
-            row = int(np.argmin(labels))
-            raise _fail(
-                source,
-                f"negative label {labels[row]} at index {ids[row]}",
-                "class ids must be 0..num_classes-1",
-            )
+    ids, labels = ids_and_labels(source, table)
     captions = table.column("caption").to_pylist() if "caption" in table.column_names else None
     sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     sidecar = _read_sidecar(source)
