@@ -301,6 +301,6 @@ def config_differences(
     return fields
 
 
-def local_checkpoint(path: Path | Remote) -> Path:
-    """A local directory holding the checkpoint: itself, or a remote one's verified copy."""
-    return _download_verified(path) if isinstance(path, Remote) else path
+def stats_file(path: Path | Remote) -> Path:
+    """The checkpoint's statistics as a local file (a remote one's verified copy)."""
+    return (_download_verified(path) if isinstance(path, Remote) else path) / "stats.parquet"

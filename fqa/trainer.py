@@ -19,7 +19,7 @@ from fqa.checkpoint import (
     CheckpointError,
     config_differences,
     latest_checkpoint,
-    local_checkpoint,
+    stats_file,
 )
 from fqa.config import Config
 from fqa.executor import Executor, InProcessExecutor
@@ -32,7 +32,6 @@ from fqa.storage import Remote, location
 
 log = logging.getLogger(__name__)
 
-STATS_FILE = "stats.parquet"  # the statistics' file in a checkpoint (fqa.checkpoint's layout)
 
 # config fields that may change between a run and its resumption
 _RESUMABLE_CHANGES = (
@@ -269,9 +268,7 @@ class Trainer:
         state = self.executor.restore(path, same_config)
         self.planner.load_state(
             state,
-            DatapointStats.load(
-                local_checkpoint(path) / STATS_FILE, self.config.allocator.stats_decay
-            ),
+            DatapointStats.load(stats_file(path), self.config.allocator.stats_decay),
         )
         self.global_step = state["step"]
         self.queries = state["queries"]
