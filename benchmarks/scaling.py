@@ -7,6 +7,10 @@
    batch size (rows/s).
 3. Projection: step time for 8-64 workers from the measured per-query cost c and the
    per-step overhead o of the 1-worker run: T(W) = o + Q·c/W (Q queries per step).
+4. Driver bytes per step: shard results in plus the update out, for spsa and lr on a
+   27k- and a 21M-parameter ViT (the quick mode: 27k and 203k), full fine-tuning on 2
+   workers. lr's gradient sums are all-reduced among the workers instead (8 bytes per
+   parameter per worker, also printed), so neither figure grows with the model.
 
 Writes scaling.json and scaling.png. Needs Ray: it joins a running Ray instance when this
 process already has one, else starts an embedded one.
@@ -32,10 +36,10 @@ from fqa.config import Config, load_config, with_overrides
 class BenchWorker(QueryWorker):
     def throughput(self, shard, reps: int) -> dict[str, float]:
         """spsa queries/s on ``shard`` and plain forward rows/s on the same rows."""
-        self.evaluate(shard, 0)  # warm-up (a fresh replica holds step 0)
+        self.evaluate(shard, 0, 0)  # warm-up (a fresh replica holds step 0)
         started, queries = time.perf_counter(), 0
         for _ in range(reps):
-            queries += self.evaluate(shard, 0).queries
+            queries += self.evaluate(shard, 0, 0).queries
         spsa_s = time.perf_counter() - started
         x, _ = self.task._rows(np.array(shard.ids))
         with torch.inference_mode():
@@ -96,6 +100,50 @@ def timed_run(config: Config, workers: int) -> dict[str, Any]:
     }
 
 
+# (embed_dim, depth, heads) of the ViTs whose driver traffic is compared
+_BYTES_MODELS = {False: [(32, 2, 2), (384, 12, 6)], True: [(32, 2, 2), (64, 4, 4)]}
+
+
+def driver_bytes(config: Config, quick: bool) -> list[dict[str, Any]]:
+    """Mean driver bytes per step (results in + update out) per estimator and model."""
+    from cluster.driver import ClusterTrainer
+
+    rows = []
+    for estimator in ("spsa", "lr"):
+        for width, depth, heads in _BYTES_MODELS[quick]:
+            kwargs = dict(config.model.kwargs, embed_dim=width, depth=depth, num_heads=heads)
+            named = with_overrides(
+                config,
+                {
+                    "run.name": f"bytes-{estimator}-{width}x{depth}",
+                    "model.kwargs": kwargs,
+                    "trainable.mode": "full",
+                    "estimator.name": estimator,
+                    "estimator.shard_rows": 16,
+                    "train.steps": 2,
+                    "train.eval_every": 2,
+                    "train.checkpoint_every": 2,
+                    "train.batch_size": 16,
+                    "train.queries_per_datapoint": 4,
+                    "cluster.num_workers": 2,
+                },
+            )
+            trainer = ClusterTrainer(named)
+            trainer.fit()
+            params = trainer.executor.trainable_count()
+            rows.append(
+                {
+                    "estimator": estimator,
+                    "parameters": params,
+                    "model": f"ViT width {width}, depth {depth}",
+                    "driver_bytes_per_step": float(np.mean(trainer.executor.driver_bytes)),
+                    # lr: each worker sends and receives the int64 sums once per step
+                    "collective_bytes_per_step": 8 * params if estimator == "lr" else 0,
+                }
+            )
+    return rows
+
+
 def run(args) -> dict[str, Any]:
     result = measure(args.config, args.quick, Path(args.runs) / "scaling")
     write_report(args.out, "scaling", result, _plot)
@@ -126,6 +174,7 @@ def measure(config_path: str, quick: bool, runs: Path) -> dict[str, Any]:
         )[0]
         per_worker = ray.get(worker.throughput.remote(shard, 5 if quick else 30))
         ray.kill(worker)
+        traffic = driver_bytes(config, quick)
     finally:
         if owns:
             ray.shutdown()
@@ -143,6 +192,7 @@ def measure(config_path: str, quick: bool, runs: Path) -> dict[str, Any]:
         "projected_step_seconds": {
             w: overhead + queries * per_query / w for w in (1, 2, 8, 16, 32, 64)
         },
+        "driver_bytes": traffic,
     }
     return result
 
@@ -174,6 +224,16 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     for workers, seconds in result["projected_step_seconds"].items():
         lines.append(f"projected step time, {workers:>2} workers: {seconds * 1e3:.1f} ms")
+    for row in result["driver_bytes"]:
+        lines.append(
+            f"driver bytes/step, {row['estimator']:<4} {row['parameters']:>10,} parameters: "
+            f"{row['driver_bytes_per_step']:>9,.0f}"
+            + (
+                f"   (all-reduced among workers: {row['collective_bytes_per_step']:,} per worker)"
+                if row["collective_bytes_per_step"]
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 

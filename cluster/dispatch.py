@@ -35,12 +35,16 @@ class StepLedger:
     def __init__(self, step: int, size: int) -> None:
         self.step = step
         self.results: list[ShardResult | None] = [None] * size
+        # (worker, its generation) whose result was accepted: where lr's sums are held
+        self.owners: list[tuple[int, int] | None] = [None] * size
         self.duplicates = 0  # results for a key that already had one (ignored)
 
     def has(self, shard: int) -> bool:
         return self.results[shard] is not None
 
-    def accept(self, step: int, shard: int, result: ShardResult) -> bool:
+    def accept(
+        self, step: int, shard: int, result: ShardResult, owner: tuple[int, int] | None = None
+    ) -> bool:
         """Record the result for (step, shard); False (and counted) if one exists."""
         if step != self.step:
             raise ValueError(f"result for step {step} offered to the ledger of step {self.step}")
@@ -48,22 +52,32 @@ class StepLedger:
             self.duplicates += 1
             return False
         self.results[shard] = result
+        self.owners[shard] = owner
         return True
 
     def complete(self) -> bool:
         return all(r is not None for r in self.results)
 
 
-def evaluate_on_workers(pool: RayWorkerPool, step: int, shards: list[Shard]) -> StepLedger:
+def evaluate_on_workers(
+    pool: RayWorkerPool,
+    step: int,
+    shards: list[Shard],
+    indices: list[int] | None = None,
+    hook: bool = True,
+) -> StepLedger:
     """Shards go out a few per worker and come back as they complete; a dead worker's
     shards run again elsewhere, and a worker that holds a shard past
-    ``cluster.shard_timeout_s`` is killed (Ray restarts it) and its shards re-run."""
+    ``cluster.shard_timeout_s`` is killed (Ray restarts it) and its shards re-run.
+    ``indices``: each shard's index in the step's plan (default: its position), the key
+    under which a worker keeps what the shard leaves with it."""
+    indices = list(range(len(shards))) if indices is None else indices
     timeout = pool.config.cluster.shard_timeout_s
     ledger = StepLedger(step, len(shards))
     pending = deque(range(len(shards)))
     # ref -> (shard, worker, worker generation, submitted at)
     in_flight: dict[ray.ObjectRef, tuple[int, int, int, float]] = {}
-    hooked = pool.fault_hook is None
+    hooked = pool.fault_hook is None or not hook  # tests' faults: once per step
     while not ledger.complete():
         live = pool._live()
         load = {i: 0 for i in live}
@@ -74,7 +88,7 @@ def evaluate_on_workers(pool: RayWorkerPool, step: int, shards: list[Shard]) -> 
                 shard = pending.popleft()
                 if ledger.has(shard):
                     continue
-                ref = pool.workers[index].evaluate.remote(shards[shard], step)
+                ref = pool.workers[index].evaluate.remote(shards[shard], step, indices[shard])
                 in_flight[ref] = (shard, index, pool.generation[index], time.monotonic())
                 load[index] += 1
         if not hooked:
@@ -96,7 +110,7 @@ def evaluate_on_workers(pool: RayWorkerPool, step: int, shards: list[Shard]) -> 
                 pending.appendleft(shard)
                 pool.redispatched += 1
             continue
-        ledger.accept(step, shard, result)
+        ledger.accept(step, shard, result, (index, generation))
     return ledger
 
 

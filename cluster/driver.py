@@ -25,6 +25,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster.allocator_actor import RemotePlanner, actor_is_dead
+from cluster.collective import CollectiveError
 from cluster.dispatch import evaluate_on_workers
 from cluster.runtime import ClusterResourceError, connect, require_resources
 from cluster.worker import ReplicaBehind, remote_worker_class
@@ -120,11 +121,21 @@ class RayWorkerPool:
         self.hung = 0  # workers killed for holding work past cluster.shard_timeout_s
         self.duplicates = 0  # shard results for an already answered (step, shard) key
         self.result_bytes: list[int] = []  # pickled shard results returned per step
+        self.driver_bytes: list[int] = []  # results in + the update out, per step
+        self.collective_retries = 0  # steps re-run after their all-reduce failed
+        # lr: where each shard's partial sums are held this step, and the group they
+        # are all-reduced in (rebuilt when its members change)
+        self._shards: list[Shard] = []
+        self._owners: list[tuple[int, int] | None] = []
+        self._group_epoch = 0
+        self._group_members: tuple[tuple[int, int], ...] | None = None
         self.replica_checksums: list[str] = []  # the workers' checksums at the end of fit
         self.keep_parameters = False  # tests: fetch rank 0's parameters at the end of fit
         self.final_parameters: torch.Tensor | None = None
-        # tests inject faults here: called once per step after the shards are dispatched
+        # tests inject faults here: called once per step after the shards are dispatched,
+        # and (apply_hook) before an update whose sums the workers add goes out
         self.fault_hook: Callable[[RayWorkerPool, int], None] | None = None
+        self.apply_hook: Callable[[RayWorkerPool, int], None] | None = None
         self._last: dict[str, Any] = {}
         self._await_workers()
         self._describe = ray.get(self.workers[0].describe.remote())
@@ -140,6 +151,10 @@ class RayWorkerPool:
     def primary_metric(self) -> str:
         return self._describe["primary_metric"]
 
+    def trainable_count(self) -> int:
+        """Trainable parameters of a replica (reports; the driver holds none)."""
+        return int(self._describe["trainable_count"])
+
     def prepass(self, step: int, ids: np.ndarray) -> dict[str, np.ndarray]:
         while True:  # on one worker, rotating; retried on another if it dies
             live = self._live()
@@ -153,6 +168,7 @@ class RayWorkerPool:
         ledger = evaluate_on_workers(self, step, shards)
         self.duplicates += ledger.duplicates
         results = ledger.results
+        self._shards, self._owners = shards, ledger.owners
         self.result_bytes.append(sum(len(pickle.dumps(r)) for r in results))
         # the step's idempotency keys: shards planned, results accepted, duplicates ignored
         self._last = {"shards": len(shards), "shards_applied": len(results)}
@@ -160,7 +176,24 @@ class RayWorkerPool:
 
     def apply(self, step: int, update: Update, prepass_nonfinite: int) -> UpdateOutcome:
         """Every worker replays the update; a worker lost meanwhile is rebuilt from the
-        log (which holds this update) before its next call."""
+        log (which holds this update) before its next call. An update whose partial sums
+        stayed on the workers is finished there, over their collective group."""
+        self.driver_bytes.append(self.result_bytes[-1] + len(pickle.dumps(update)))
+        if update.pending:
+            outcome = self._apply_held(step, update, prepass_nonfinite)
+        else:
+            outcome = self._apply_everywhere(step, update, prepass_nonfinite)
+        self.applied_step = step
+        if (step + 1) % self.config.cluster.checksum_every == 0:
+            self.verify_replicas()
+        self._last.update(resyncs=self.resyncs, redispatched=self.redispatched, hung=self.hung)
+        self._last.update(duplicates=self.duplicates, result_bytes=self.result_bytes[-1])
+        self._last.update(
+            driver_bytes=self.driver_bytes[-1], collective_retries=self.collective_retries
+        )
+        return outcome
+
+    def _apply_everywhere(self, step: int, update: Update, prepass_nonfinite: int) -> UpdateOutcome:
         update_ref = ray.put(update)  # one upload, shared by all workers
         refs = {
             i: self.workers[i].apply.remote(step, update_ref, prepass_nonfinite)
@@ -168,16 +201,107 @@ class RayWorkerPool:
         }
         self._log_update(step, update, prepass_nonfinite)  # after _live()
         outcomes = [self._get(index, ref) for index, ref in refs.items()]
-        self.applied_step = step
         outcome = next((o for o in outcomes if o is not None), None)
         while outcome is None:  # every replica was lost mid-update: ask a rebuilt one
             index = self._live()[0]
             outcome = self._get(index, self.workers[index].last_outcome.remote())
-        if (step + 1) % self.config.cluster.checksum_every == 0:
-            self.verify_replicas()
-        self._last.update(resyncs=self.resyncs, redispatched=self.redispatched, hung=self.hung)
-        self._last.update(duplicates=self.duplicates, result_bytes=self.result_bytes[-1])
         return outcome
+
+    def _apply_held(self, step: int, update: Update, prepass_nonfinite: int) -> UpdateOutcome:
+        """The workers all-reduce the sums they hold (exactly: fqa.exact_sum) and apply.
+        If a member is lost before the sum completes, nothing was applied anywhere: its
+        shards run again on the live workers and the step re-runs on a rebuilt group.
+        The update enters the log once some replica holds it, so a worker rebuilt later
+        replays it alone (evaluating the step's shards itself: the same bits)."""
+        update_ref = ray.put(update)  # the shards, no tensors
+        while True:
+            live = self._live()
+            members = {(i, self.generation[i]) for i in live}
+            lost = [j for j, owner in enumerate(self._owners) if owner not in members]
+            if lost:  # their sums went with a lost worker (or its previous instance)
+                ledger = evaluate_on_workers(
+                    self, step, [self._shards[j] for j in lost], indices=lost, hook=False
+                )
+                for j, owner in zip(lost, ledger.owners, strict=True):
+                    self._owners[j] = owner
+                self.redispatched += len(lost)
+                continue  # a worker may have been lost meanwhile
+            epoch = self._group(live)
+            if epoch is None:
+                continue
+            if self.apply_hook is not None:
+                self.apply_hook(self, step)
+            refs = {
+                i: self.workers[i].apply.remote(
+                    step, update_ref, prepass_nonfinite, self._held_by(i), epoch
+                )
+                for i in live
+            }
+            outcomes, incomplete = {}, []
+            for index, ref in refs.items():
+                try:
+                    # past the group's own timeout, so a member left waiting on a lost
+                    # one reports the failed all-reduce before it is taken for hung
+                    outcomes[index] = ray.get(ref, timeout=2 * self.config.cluster.shard_timeout_s)
+                except CollectiveError:
+                    incomplete.append(index)
+                except GetTimeoutError:
+                    self._hung(index, "no answer to an all-reduce")
+                except (RayActorError, ReplicaBehind):
+                    self._lost(index)
+            done = [o for o in outcomes.values() if o is not None]
+            if incomplete or len(outcomes) < len(refs):
+                self._group_members = None  # rebuild the group before the next collective
+            if done:  # the sum completed: the step is in those replicas
+                self._log_update(step, update, prepass_nonfinite)
+                self.dirty |= set(incomplete)  # resynced from one that holds the step
+                return done[0]
+            self.collective_retries += 1
+            log.warning(
+                "step %d: the workers' all-reduce did not complete (%d of %d answered); "
+                "re-running it on a rebuilt group",
+                step,
+                len(outcomes) - len(incomplete),
+                len(refs),
+            )
+
+    def _held_by(self, index: int) -> list[int]:
+        return [j for j, owner in enumerate(self._owners) if owner[0] == index]
+
+    def _group(self, live: list[int]) -> int | None:
+        """The collective group of the live workers (rank = position), rebuilt under a
+        new epoch when its members changed; None if a member failed meanwhile."""
+        members = tuple((i, self.generation[i]) for i in live)
+        if members == self._group_members:
+            return self._group_epoch
+        self._group_epoch += 1
+        epoch, timeout = self._group_epoch, self.config.cluster.shard_timeout_s
+        address = self._get(
+            live[0], self.workers[live[0]].open_group.remote(epoch, len(live), timeout)
+        )
+        if address is None:
+            return None
+        refs = {
+            i: self.workers[i].join_group.remote(epoch, rank, len(live), *address, timeout)
+            for rank, i in enumerate(live)
+        }
+        formed = True
+        for index, ref in refs.items():
+            try:
+                ray.get(ref, timeout=timeout)
+            except CollectiveError:
+                formed = False
+            except GetTimeoutError:
+                self._hung(index, "no answer while forming the collective group")
+                formed = False
+            except (RayActorError, ReplicaBehind):
+                self._lost(index)
+                formed = False
+        if not formed:
+            return None
+        self._group_members = members
+        log.info("collective group epoch %d: workers %s", epoch, list(live))
+        return epoch
 
     def evaluate_split(self, split: str) -> dict[str, float]:
         while True:  # on rank 0, the first live worker

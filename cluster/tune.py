@@ -151,6 +151,7 @@ def run_trial(params: dict[str, Any], *, base_json: str, sweep_json: str, runs_d
     from ray import tune
 
     from cluster.driver import ClusterTrainer
+
     torch.set_num_threads(1)  # the driver replica shares its node with the workers
     base = Config.model_validate_json(base_json)
     sweep = SweepConfig.model_validate_json(sweep_json)
@@ -244,7 +245,10 @@ def build_tuner(sweep: SweepConfig, base: Config, sweep_dir: Path, resume: bool,
     )
     if resume:
         return tune.Tuner.restore(
-            tune_path(sweep_dir), trainable, resume_unfinished=True, resume_errored=True,
+            tune_path(sweep_dir),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
             storage_filesystem=tune_filesystem(sweep_dir),
         )
     return tune.Tuner(

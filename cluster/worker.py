@@ -17,6 +17,7 @@ import numpy as np
 import ray
 import torch
 
+from cluster.collective import CollectiveError, WorkerGroup, host_store
 from fqa.checkpoint import load_checkpoint, save_checkpoint
 from fqa.config import Config
 from fqa.estimators import Shard, ShardResult, Update
@@ -58,6 +59,11 @@ class QueryWorker:
         # restarted actor also reports, so the driver can tell it was restarted)
         self.applied_step = -1
         self.outcome: UpdateOutcome | None = None  # of the last update applied
+        # lr: each evaluated shard's partial gradient sums, by (step, shard index), kept
+        # here until the step's update is applied (the workers add them among themselves)
+        self.partials: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.group: WorkerGroup | None = None
+        self._store = None  # rank 0: the rendezvous store of the current group
 
     def ready(self) -> bool:
         return True
@@ -68,6 +74,7 @@ class QueryWorker:
             "train_ids": self.task.train_ids(),
             "variance_scale": self.estimator.variance_scale(self.task),
             "primary_metric": getattr(self.task, "primary_metric", "accuracy"),
+            "trainable_count": sum(p.numel() for p in self.params if p.requires_grad),
         }
 
     def load_replica(self, state: dict[str, Any], step: int) -> str:
@@ -77,6 +84,7 @@ class QueryWorker:
         self.optimizer.load_state_dict(state["optimizer"])
         self.optimizer.zero_grad(set_to_none=True)
         self.applied_step = step - 1
+        self.partials = {}
         return self.checksum()
 
     def read_state(self, checkpoint: str) -> dict[str, Any]:
@@ -97,6 +105,7 @@ class QueryWorker:
             self.optimizer.load_state_dict(data.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
             self.applied_step = int(data.state["step"]) - 1
+            self.partials = {}
         for step, update, prepass_nonfinite in updates:
             self.apply(step, update, prepass_nonfinite)
         return self.checksum(), self.outcome
@@ -111,16 +120,57 @@ class QueryWorker:
         self._at(step)
         return self.task.prepass(np.array(ids))  # a writable copy of the object-store array
 
-    def evaluate(self, shard: Shard, step: int) -> ShardResult:
+    def evaluate(self, shard: Shard, step: int, index: int) -> ShardResult:
+        """The shard's result; tensors it carries (lr's partial sums) stay here, keyed
+        by (step, shard index), and only the scalars go back."""
         self._at(step)
         writable = dataclasses.replace(shard, ids=np.array(shard.ids))  # see prepass
-        return self.estimator.evaluate_exactly(self.task, writable)
+        result = self.estimator.evaluate_exactly(self.task, writable)
+        if result.grads is None:
+            return result
+        self.partials[(step, index)] = result.grads
+        return dataclasses.replace(result, grads=None, grads_held=True)
 
-    def apply(self, step: int, update: Update, prepass_nonfinite: int) -> UpdateOutcome | None:
+    def open_group(self, epoch: int, size: int, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: a rendezvous store for group ``epoch``; returns its address."""
+        self._store = host_store(size, timeout_s)
+        return ray.util.get_node_ip_address(), self._store.port
+
+    def join_group(
+        self, epoch: int, rank: int, size: int, host: str, port: int, timeout_s: float
+    ) -> int:
+        """Form group ``epoch`` with the other members (blocks until all have joined)."""
+        self.group = None
+        store = self._store if rank == 0 else None
+        self.group = WorkerGroup(epoch, rank, size, host, port, timeout_s, store)
+        return epoch
+
+    def apply(
+        self,
+        step: int,
+        update: Update,
+        prepass_nonfinite: int,
+        mine: list[int] | None = None,
+        epoch: int | None = None,
+    ) -> UpdateOutcome | None:
+        """Apply ``update``. If its partial sums stayed on the workers, they are added
+        first: this replica's (``mine``) with the others' over group ``epoch``, or, with
+        no group (a rebuilt replica replaying the step), all evaluated here."""
         if step <= self.applied_step:
             self.duplicates += 1  # a retried or replayed delivery: already in the replica
             return None
         self._at(step)  # updates are applied in order, each once
+        if update.pending:
+            collective, held = None, {}
+            if mine is not None:
+                if self.group is None or self.group.epoch != epoch:
+                    raise CollectiveError(f"step {step}: this worker is not in group epoch {epoch}")
+                missing = [j for j in mine if (step, j) not in self.partials]
+                if missing:
+                    raise ReplicaBehind(f"step {step}: the sums of shards {missing} are not here")
+                collective, held = self.group, {j: self.partials[(step, j)] for j in mine}
+            self.estimator.finish(self.task, update, held, collective)
+        self.partials = {key: value for key, value in self.partials.items() if key[0] > step}
         self.applied_step = step
         self.outcome = self.updater.apply(step, update, prepass_nonfinite)
         return self.outcome
@@ -137,7 +187,9 @@ class QueryWorker:
     ) -> str:
         """Rank 0's checkpoint of its replica, in fqa.checkpoint's atomic format."""
         self._at(step)
-        path = save_checkpoint(location(directory), step, self.task.model, self.optimizer, stats, state)
+        path = save_checkpoint(
+            location(directory), step, self.task.model, self.optimizer, stats, state
+        )
         return str(path)
 
     def checksum(self) -> str:

@@ -191,5 +191,14 @@ def test_scaling_quick_through_the_dispatcher(ray_cluster, tiny_config, tmp_path
     queries, per_query = result["one_worker"]["queries_per_step"], worker["seconds_per_query"]
     for w, seconds in projected.items():
         assert seconds == pytest.approx(result["per_step_overhead_s"] + queries * per_query / w)
+    # driver traffic does not grow with the model, in either mode
+    for estimator in ("spsa", "lr"):
+        small, large = sorted(
+            (r for r in result["driver_bytes"] if r["estimator"] == estimator),
+            key=lambda r: r["parameters"],
+        )
+        assert large["parameters"] > 3 * small["parameters"]
+        assert small["driver_bytes_per_step"] == large["driver_bytes_per_step"]
     assert (out / "scaling.png").is_file()
-    assert "speedup 2 workers vs 1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "speedup 2 workers vs 1" in printed and "driver bytes/step, lr" in printed

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,11 +107,16 @@ def test_two_workers_match_the_single_process_trainer(
     assert cluster.executor.resyncs == 0
 
 
-def test_spsa_bytes_per_step_do_not_grow_with_the_model(ray_cluster, tiny_config):
+@pytest.mark.parametrize("estimator", ["lr", "spsa"])
+def test_driver_bytes_per_step_do_not_grow_with_the_model(ray_cluster, tiny_config, estimator):
+    """Shard results in, the update out: scalars per sample in both modes (lr's gradient
+    sums are all-reduced among the workers and never reach the driver)."""
+    from fqa.setup import build_task
+
     sizes = {}
     for width, depth in [(32, 2), (64, 4)]:
         config = tiny_config(
-            run={"name": f"bytes-{width}"},
+            run={"name": f"bytes-{estimator}-{width}"},
             model={
                 "kwargs": {
                     "img_size": 16,
@@ -122,19 +128,19 @@ def test_spsa_bytes_per_step_do_not_grow_with_the_model(ray_cluster, tiny_config
                 }
             },
             trainable={"mode": "full"},
-            estimator={"name": "spsa", "shard_rows": 8},
-            train={"steps": 1},
+            estimator={"name": estimator, "shard_rows": 8},
+            train={"steps": 2},
         )
+        params = sum(p.numel() for _, p in build_task(config).trainable_parameters())
         trainer = ClusterTrainer(config)
-        params = int(trainer.variance_scale) - 1  # spsa's D + 1: the driver has no model
         trainer.fit()
-        sizes[params] = trainer.executor.result_bytes[0]
+        sizes[params] = trainer.executor.driver_bytes
     (small, small_bytes), (large, large_bytes) = sorted(sizes.items())
     assert large > 3 * small  # the two models really differ in size
     assert small_bytes == large_bytes
-    samples = 16 * 4 // 2  # batch x queries per datapoint / 2 queries per spsa sample
-    print(f"spsa result bytes/step: {sizes} ({small_bytes / samples:.1f} bytes per sample)")
-    assert small_bytes / samples < 100  # (id, p) scalars plus a per-shard constant
+    samples = 16 * 4 // 2  # batch x queries per datapoint / 2 queries per sample
+    print(f"{estimator} driver bytes/step: {sizes} ({small_bytes[0] / samples:.1f} per sample)")
+    assert max(small_bytes) / samples < 200  # per-sample scalars plus a per-shard constant
 
 
 def _model_state_reachable(root, depth: int = 6) -> list[str]:
@@ -177,7 +183,9 @@ def test_the_driver_holds_no_model(ray_cluster, tiny_config):
         cluster.task  # noqa: B018 (the in-process replica's accessor)
     summary = cluster.fit()
     assert reached == {"mid-run": []}
-    assert "val_accuracy" in _records(cluster)[-1] and torch.isfinite(torch.tensor(summary["test_loss"]))
+    assert "val_accuracy" in _records(cluster)[-1] and torch.isfinite(
+        torch.tensor(summary["test_loss"])
+    )
     assert (cluster.run_dir / "checkpoints" / "step-000002" / "manifest.json").is_file()
 
 
@@ -234,7 +242,12 @@ def test_ray_job_submit_runs_the_job_and_prints_a_summary(ray_cluster, tiny_conf
         "--address", ray_cluster["dashboard_url"], "--working-dir", str(REPO), "--",
         sys.executable, "-m", "jobs.train", "--config", str(path), "--workers", "2",
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+    deadline = time.monotonic() + 180
+    while True:  # under load the dashboard's job agent can come up after the instance
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=540)
+        if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(5)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"run"')]
     summary = json.loads(lines[-1])

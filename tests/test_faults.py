@@ -176,6 +176,33 @@ def test_two_workers_killed_at_once(ray_cluster, tiny_config):
     _OUTCOMES.append(("both QueryWorkers killed at once", f"{outcome}; both rebuilt"))
 
 
+def test_a_worker_lost_mid_all_reduce(ray_cluster, tiny_config):
+    """Worker 1 waits in the all-reduce of lr's partial sums while worker 0, which was
+    to join it, is killed: nothing is applied anywhere, the lost worker's shards run
+    again, and the step re-runs on a rebuilt group — same bits, every query once."""
+    import threading
+
+    ref = reference(tiny_config)
+    trainer = ClusterTrainer(_config(tiny_config, "kill-all-reduce"))
+    pool = trainer.executor
+
+    def kill_while_the_group_waits(pool, step):
+        if step != 3 or pool.collective_retries:
+            return
+        victim = pool.workers[0]
+        # worker 0 is busy, so its share never arrives while worker 1 waits for it
+        victim.__ray_call__.remote(lambda worker: time.sleep(3))
+        threading.Timer(1.5, lambda: ray.kill(victim, no_restart=False)).start()
+
+    pool.apply_hook = kill_while_the_group_waits
+    trainer.fit()
+    assert pool.collective_retries == 1 and pool.rebuilt == 1
+    outcome = _nothing_lost(_params(trainer), trainer.queries, trainer.run_dir, ref)
+    _OUTCOMES.append(
+        ("QueryWorker lost mid-all-reduce", f"{outcome}; step re-run on a rebuilt group")
+    )
+
+
 class _RestartBetweenSteps:
     """A trainer callback: after step 2, worker 0 is killed and Ray's fresh instance
     (the config's initial replica) is awaited, so no call of the run ever fails."""

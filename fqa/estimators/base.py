@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fqa.exact_sum import Collective
 from fqa.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ class ShardResult:
     queries: int  # forward evaluations of one datapoint spent on this shard
     nonfinite: int  # samples whose loss was NaN/inf (their contribution is zeroed)
     grads: dict[str, torch.Tensor] | None = field(default=None)  # lr: weighted partial sums
+    # lr on the cluster: ``grads`` stayed on the worker that evaluated the shard, and the
+    # workers finish the sum among themselves (Estimator.finish); only scalars came back
+    grads_held: bool = False
 
 
 @dataclass
@@ -55,11 +59,14 @@ class Update:
     """One step's estimate reduced to what every replica needs to write ``.grad``.
 
     spsa: the coefficient of each direction (seed -> Σ p·1/(B·n_i)), a few bytes per
-    direction; lr: the summed gradient tensors (on the host). Built by
+    direction; lr: the summed gradient tensors (on the host) — or, when the shards'
+    partial sums stayed on the workers, the step's shards (``pending``), from which each
+    replica finishes the sum (:meth:`Estimator.finish`). Built by
     :meth:`Estimator.reduce` and consumed by :meth:`Estimator.write_grad`."""
 
     coefficients: dict[int, float] = field(default_factory=dict)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    pending: list[Shard] = field(default_factory=list)  # shards whose sums are still apart
     queries: int = 0  # perturbed queries behind the update
     nonfinite: int = 0  # samples whose loss was NaN/inf (their contribution is zeroed)
 
@@ -93,6 +100,20 @@ class Estimator(ABC):
     @abstractmethod
     def write_grad(self, task: Task, update: Update) -> None:
         """Write the update into ``param.grad`` of the task's trainable parameters."""
+
+    def finish(
+        self,
+        task: Task,
+        update: Update,
+        held: dict[int, dict[str, torch.Tensor]],
+        collective: Collective | None = None,
+    ) -> None:
+        """Complete ``update.grads`` from partial sums that stayed with the replicas:
+        ``held`` (shard index -> sums) from this replica's evaluations, the others'
+        through ``collective``; without one, every pending shard not held is evaluated
+        here (a rebuilt replica replaying a step alone). Nothing to do by default."""
+        if update.pending:
+            raise NotImplementedError(f"the {self.name} estimator leaves no partial sums apart")
 
     def prepare(self, task: Task) -> None:
         """Get the task's model ready for this estimator (once, before its optimizer is built)."""

@@ -34,6 +34,7 @@ from fqa.estimators.base import (
     check_weighting,
     chunks,
 )
+from fqa.exact_sum import exact_sum, layout_of
 from fqa.noise import parameter_key
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
@@ -469,21 +470,26 @@ class LikelihoodRatioEstimator(Estimator):
         )
 
     def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:
-        """The shards' partial gradient sums, added in plan order (a fixed order keeps
-        every replica's sum bit-identical). A single shard's sums are taken over as they
-        are: a copy would double the gradient's memory for nothing."""
-        if len(results) == 1:
-            total = dict(results[0].grads or {})
-            return Update(grads=total, queries=results[0].queries, nonfinite=results[0].nonfinite)
-        total: dict[str, torch.Tensor] = {}
-        for result in results:
-            for key, grad in (result.grads or {}).items():
-                total[key] = total[key].add_(grad) if key in total else grad.clone()
-        return Update(
-            grads=total,
-            queries=sum(r.queries for r in results),
-            nonfinite=sum(r.nonfinite for r in results),
-        )
+        """The shards' partial gradient sums, added exactly (fqa.exact_sum): the same
+        bits in any order, so replicas agree whoever evaluated which shard. When the sums
+        stayed on the workers, the update names the shards and each replica finishes it."""
+        queries = sum(r.queries for r in results)
+        nonfinite = sum(r.nonfinite for r in results)
+        if any(r.grads_held for r in results):
+            return Update(pending=list(shards), queries=queries, nonfinite=nonfinite)
+        partials = [r.grads for r in results if r.grads]
+        grads = exact_sum(partials, layout_of(partials), len(results))
+        return Update(grads=grads, queries=queries, nonfinite=nonfinite)
+
+    def finish(self, task, update, held, collective=None) -> None:
+        if collective is None:  # alone: every shard's sums are evaluated here
+            held = {
+                j: held[j] if j in held else self.evaluate_exactly(task, shard).grads
+                for j, shard in enumerate(update.pending)
+            }
+        layout = {name: (p.shape, p.dtype) for name, p in task.trainable_parameters()}
+        update.grads = exact_sum(list(held.values()), layout, len(update.pending), collective)
+        update.pending = []
 
     def write_grad(self, task: Task, update: Update) -> None:
         """``.grad`` becomes the update's tensor itself when dtype and device match (the
