@@ -9,7 +9,7 @@ from typing import Any
 
 from fqa.plots import plt
 
-DEFAULT_CONFIG = "jobs/configs/vit_digits.yaml"
+DEFAULT_CONFIG = "jobs/configs/vit_digits_ten_classes.yaml"
 DEFAULT_OUT = "docs/results"
 
 

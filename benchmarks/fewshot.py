@@ -40,11 +40,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fqa.plots import plt
-from fqa.tasks.base import Task
+from fqa.tasks.backbone_features import FeatureHeadTask, FeatureSplit, make_head
 
 EVALUATIONS = 20  # test evaluations per run, at equal fractions of the total queries
 BOOTSTRAP = 2000
@@ -125,12 +124,11 @@ class TargetPool:
 def target_pool(config, feature_block: int = 1) -> TargetPool:
     """Pretrain (or reuse) the source backbone, then encode every row once: the patch
     tokens after block ``feature_block``, flattened, standardised with the source rows'
-    statistics (the later blocks specialise in the source classes)."""
+    statistics (the later blocks specialise in the source classes). The encoder is the
+    ``backbone_features`` task's (``fqa.tasks.backbone_features``)."""
     from fqa.backprop import ensure_pretrained
     from fqa.data import ensure_digits, load_splits
-    from fqa.tasks.features import encode_in_batches
-    from fqa.tasks.image_classification import _prepare_images
-    from fqa.tasks.models import create_timm_model, load_weights
+    from fqa.tasks.backbone_features import block_features, load_backbone, standardise
 
     if config.data.classes is not None:
         raise ValueError(
@@ -138,22 +136,7 @@ def target_pool(config, feature_block: int = 1) -> TargetPool:
             "the complement of pretrain.classes; remove data.classes from the config"
         )
     source = sorted(config.pretrain.classes)
-    checkpoint = ensure_pretrained(config, progress=False)
-    backbone = create_timm_model(config.model.name, len(source), config.model.kwargs)
-    load_weights(backbone, checkpoint, reset_head=False)
-    depth = len(backbone.blocks)
-    if not 0 <= feature_block < depth:
-        raise ValueError(
-            f"--feature-block={feature_block} but the backbone has blocks 0..{depth - 1}; "
-            f"pick one in that range"
-        )
-
-    def tokens(x: torch.Tensor) -> torch.Tensor:
-        out = backbone.forward_intermediates(
-            x, indices=[feature_block], norm=False, intermediates_only=True
-        )
-        return out[0].flatten(1)
-
+    backbone = load_backbone(config, ensure_pretrained(config, progress=False))
     if config.data.dataset == "digits":
         splits = ensure_digits(config.data.dir)
     else:
@@ -168,12 +151,12 @@ def target_pool(config, feature_block: int = 1) -> TargetPool:
             f"pretrain.classes={source} leaves {classes} of the {num_classes} classes for the "
             "target task; keep at least two classes out of pretrain.classes"
         )
-    features = encode_in_batches(tokens, _prepare_images(images, config.model.input_size))
+    features = block_features(backbone, images, config.model.input_size, feature_block)
     keep = torch.isin(labels, torch.tensor(classes))
-    seen = features[~keep]  # the source rows: pretraining data, so no target leakage
-    features = (features[keep] - seen.mean(0)) / (seen.std(0) + 1e-6)
+    # standardised with the source rows: pretraining data, so no target leakage
+    features = standardise(features[keep], features[~keep])
     relabel = torch.searchsorted(torch.tensor(classes), labels[keep])
-    return TargetPool(ids[keep].numpy(), relabel.numpy(), features.float(), classes, source)
+    return TargetPool(ids[keep].numpy(), relabel.numpy(), features, classes, source)
 
 
 def kshot_split(
@@ -203,63 +186,15 @@ def kshot_split(
 # ---------------------------------------------------------------------------- the task
 
 
-class FeatureHeadTask(Task):
-    """Classification by a trainable head over fixed backbone features, by global id."""
-
-    def __init__(self, head: nn.Module, pool: TargetPool, rows: dict[str, np.ndarray]) -> None:
-        self.model = head.eval()
-        self._ids = {name: pool.ids[r] for name, r in rows.items()}
-        self._x = {name: pool.features[r] for name, r in rows.items()}
-        self._y = {name: torch.from_numpy(pool.labels[r]) for name, r in rows.items()}
-        # id -> training row, one array lookup per batch
-        self._row = np.full(int(pool.ids.max()) + 1, -1, dtype=np.int64)
-        self._row[self._ids["train"]] = np.arange(len(self._ids["train"]))
-
-    def split_ids(self, split: str) -> np.ndarray:
-        return self._ids[split]
-
-    def train_ids(self) -> np.ndarray:
-        return self._ids["train"]
-
-    def _batch(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._row[np.asarray(ids, dtype=np.int64)]
-        if (rows < 0).any():
-            raise KeyError(f"ids not in the training set: {np.asarray(ids)[rows < 0][:5].tolist()}")
-        rows = torch.from_numpy(rows)
-        return self._x["train"][rows], self._y["train"][rows]
-
-    def losses(self, ids: np.ndarray) -> torch.Tensor:
-        x, y = self._batch(ids)
-        with torch.inference_mode():
-            return F.cross_entropy(self.model(x), y, reduction="none")
-
-    def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        x, y = self._batch(ids)
-        with torch.inference_mode():
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, reduction="none")
-        return {"loss": loss.double().numpy(), "correct": (logits.argmax(-1) == y).numpy()}
-
-    def backprop_loss(self, ids: np.ndarray) -> torch.Tensor:
-        x, y = self._batch(ids)
-        return F.cross_entropy(self.model(x), y)
-
-    def evaluate(self, split: str) -> dict[str, float]:
-        with torch.inference_mode():
-            logits = self.model(self._x[split])
-            y = self._y[split]
-            return {
-                "loss": float(F.cross_entropy(logits, y)),
-                "accuracy": float((logits.argmax(-1) == y).float().mean()),
-            }
-
-
-def make_head(features: int, hidden: int, classes: int, seed: int) -> nn.Module:
-    """A fresh head from the seed: Linear-GELU-Linear, or one Linear when hidden=0."""
-    torch.manual_seed(seed)
-    if hidden == 0:
-        return nn.Sequential(nn.Linear(features, classes))
-    return nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, classes))
+def feature_task(head: nn.Module, pool: TargetPool, rows: dict[str, np.ndarray]):
+    """The ``backbone_features`` head task over the pool's rows ``rows[split]``."""
+    return FeatureHeadTask(
+        head,
+        {
+            name: FeatureSplit(pool.ids[r], pool.features[r], torch.from_numpy(pool.labels[r]))
+            for name, r in rows.items()
+        },
+    )
 
 
 # ---------------------------------------------------------------------------- one run
@@ -300,7 +235,7 @@ def run_one(
     )
     seed = config.run.seed
     head = make_head(pool.features.shape[1], hidden, pool.num_classes, seed)
-    task = FeatureHeadTask(head, pool, rows)
+    task = feature_task(head, pool, rows)
     started = time.perf_counter()
     record: dict[str, Any] = {
         "cell": cell.label,

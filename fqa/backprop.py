@@ -74,10 +74,11 @@ def train_backprop(
 def pretrain_config(config: Config) -> Config:
     """The source task: the pretrain classes only, all parameters, backpropagation."""
     pre = config.pretrain
-    clip = {}
+    # a backbone for image classification (backbone_features reads its tokens) ...
+    task = {"task.name": "image_classification"}
     if config.task.name.startswith("clip_"):
-        # CLIP: contrastive pretraining of the towers, whichever task follows
-        clip = {"task.name": "clip_align", "estimator.name": "spsa"}
+        # ... or CLIP: contrastive pretraining of the towers, whichever task follows
+        task = {"task.name": "clip_align", "estimator.name": "spsa"}
     return with_overrides(
         config,
         {
@@ -90,7 +91,7 @@ def pretrain_config(config: Config) -> Config:
             "train.batch_size": pre.batch_size,
             "estimator.name": "lr",
             "allocator.name": "uniform",
-            **clip,
+            **task,
         },
     )
 

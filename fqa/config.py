@@ -162,6 +162,10 @@ class TaskConfig(_Section):
     n_ctx: int = Field(4, ge=1)  # clip_prompt: context tokens when ctx_init is None
     class_specific: bool = False  # clip_prompt: one context per class (CoOp's CSC)
     cache_features: bool = True  # clip_prompt: image features computed once per image
+    # backbone_features (a head over a frozen backbone; trainable.* is not read): the
+    # backbone block whose tokens the head reads (0 = first)
+    feature_block: int = Field(1, ge=0)
+    head_hidden: int = Field(0, ge=0)  # backbone_features: head hidden width (0: one Linear)
 
 
 class ClusterConfig(_Section):

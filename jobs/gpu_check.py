@@ -189,7 +189,13 @@ def run_ray_pair(out_dir: Path, timeout: int = 150) -> dict:
         "train.checkpoint_every=10",
         "cluster.checksum_every=5",
     ]
-    command = [sys.executable, "-m", "jobs.train", "--config", "jobs/configs/vit_digits.yaml"]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--config",
+        "jobs/configs/vit_digits_ten_classes.yaml",
+    ]
     for setting in settings:
         command += ["--set", setting]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

@@ -353,3 +353,28 @@ def test_fqa_train_workers_runs_the_main_job_on_the_cluster(ray_cluster, digits_
     assert config_used["cluster"]["num_workers"] == 2
     records = (tmp_path / "runs" / "cli-workers" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["redispatched"] for r in records] == [0, 0]  # cluster-only metric
+
+
+def test_backbone_features_workers_build_the_same_task(ray_cluster, tiny_config, tmp_path):
+    """The main job's task on 2 workers: each builds its features from the config (the
+    cached backbone, the data), and training matches the single-process trainer."""
+    from fqa.backprop import with_pretrained
+
+    config = with_pretrained(
+        _config(
+            tiny_config,
+            "lr",
+            "features-cluster",
+            data={"classes": [5, 6, 7, 8, 9]},
+            task={"name": "backbone_features", "feature_block": 0},
+            trainable={"mode": "head"},
+            pretrain={"enabled": True, "epochs": 1, "cache_dir": str(tmp_path / "cache")},
+        )
+    )
+    reference = Trainer(with_overrides(config, {"run.name": "features-reference"}))
+    reference.fit()
+    cluster = _cluster(config)
+    cluster.fit()
+    torch.testing.assert_close(_params(cluster), _params(reference), **_TOLERANCE["lr"])
+    assert cluster.queries == reference.queries
+    _replicas_agree(cluster)

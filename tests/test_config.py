@@ -33,7 +33,7 @@ from fqa.tasks import list_tasks
         ({"data": {"dataset": "mnist"}}, "data.dataset"),
         (
             {"task": {"name": "segmentation"}},
-            "unknown task 'segmentation'; choose one of: clip_align, clip_prompt, image_classification",
+            "unknown task 'segmentation'; choose one of: backbone_features, clip_align, clip_prompt, image_classification",
         ),
     ],
 )

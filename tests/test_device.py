@@ -197,7 +197,7 @@ def test_bf16_estimates_are_unbiased_against_the_fp32_gradient(name, settings):
 
 @pytest.mark.slow
 def test_bf16_run_of_the_main_job_follows_the_fp32_run(digits_dir, tmp_path):
-    """jobs/configs/vit_digits.yaml (no pretraining: 80 backprop epochs are too slow here),
+    """jobs/configs/vit_digits_ten_classes.yaml (no pretraining: 80 backprop epochs are too slow here),
     10 steps in fp32 and in bf16 from the same seed: the per-datapoint validation losses
     of the two runs differ by less than 4 standard errors of their paired difference,
     and bf16 moves the validation loss as far as fp32 does (within 25%).
@@ -211,7 +211,7 @@ def test_bf16_run_of_the_main_job_follows_the_fp32_run(digits_dir, tmp_path):
 
     def run(precision):
         config = load_config(
-            "jobs/configs/vit_digits.yaml",
+            "jobs/configs/vit_digits_ten_classes.yaml",
             {
                 "run.out_dir": str(tmp_path / precision),
                 "run.precision": precision,

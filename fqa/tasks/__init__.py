@@ -18,6 +18,13 @@ def _image_classification(config, splits, num_classes):
     return build_image_task(config, splits, num_classes)
 
 
+@TASKS.register("backbone_features")
+def _backbone_features(config, splits, num_classes):
+    from fqa.tasks.backbone_features import build_backbone_features_task
+
+    return build_backbone_features_task(config, splits, num_classes)
+
+
 @TASKS.register("clip_align")
 def _clip_align(config, splits, num_classes):
     from fqa.tasks.clip_align import build_clip_align_task
