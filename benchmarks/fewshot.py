@@ -445,7 +445,7 @@ def select_step_sizes(
             selection[cell.label] = {
                 "lr": best.metrics["lr"],
                 "val_by_lr": {str(r.metrics["lr"]): r.metrics["val_accuracy"] for r in trials},
-                "tune_dir": str(root / name),
+                "tune_dir": str(Path(runs_dir) / "fewshot_tune" / name),
             }
             for result in trials:
                 path = records / f"{result.metrics['trial_id']}.json"
