@@ -22,7 +22,7 @@ Protocol (issue 15, item 1):
   size on every seed and reporting only the seed-mean final *validation* accuracy; the
   best trial's step size is the cell's. Test accuracy never reaches Tune. A grid, not a
   log-uniform sample: every cell then has runs at the same step sizes, which the
-  shared-step-size and count-weighting tables pair on, and four points a decade apart
+  shared-step-size and count-weighting tables pair on, and four points half a decade apart
   already bracket every cell's optimum. ``--select grid`` is the same trials as a plain
   loop in this process (no Ray).
 * **Training loop.** Forward-only cells run ``fqa.trainer.Trainer.step()``; backprop runs
