@@ -16,9 +16,15 @@ Protocol (issue 15, item 1):
   included), ``spsa`` at 2 (one central difference: MeZO), backprop counted as 3 forward
   equivalents per datapoint. Every run gets the same total queries (pre-pass
   included), so cheaper methods take more steps.
-* **Step size.** Each cell at its own best ``train.lr`` from a grid, picked by the
-  seed-mean final validation accuracy (a grid over the same trainer, not the Tune
-  sweep: ~100 runs of a few seconds each do not need a cluster).
+* **Step size.** Each cell at its own best ``train.lr``, chosen by a Ray Tune search
+  (``--select tune``, the default): one ``ray.tune.Tuner`` per cell, a
+  ``tune.grid_search`` over the ``--lrs`` grid, each trial running the cell at its step
+  size on every seed and reporting only the seed-mean final *validation* accuracy; the
+  best trial's step size is the cell's. Test accuracy never reaches Tune. A grid, not a
+  log-uniform sample: every cell then has runs at the same step sizes, which the
+  shared-step-size and count-weighting tables pair on, and four points half a decade apart
+  already bracket every cell's optimum. ``--select grid`` is the same trials as a plain
+  loop in this process (no Ray).
 * **Training loop.** Forward-only cells run ``fqa.trainer.Trainer.step()``; backprop runs
   ``fqa.backprop.train_backprop`` on the same task and head (or a ``backprop`` estimator
   through the Trainer once one is registered).
@@ -33,6 +39,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ray.tune import Callback
 from torch import nn
 
 from fqa.plots import plt
@@ -191,7 +200,7 @@ def feature_task(head: nn.Module, pool: TargetPool, rows: dict[str, np.ndarray])
     return FeatureHeadTask(
         head,
         {
-            name: FeatureSplit(pool.ids[r], pool.features[r], torch.from_numpy(pool.labels[r]))
+            name: FeatureSplit(pool.ids[r], pool.features[r], torch.tensor(pool.labels[r]))
             for name, r in rows.items()
         },
     )
@@ -282,17 +291,198 @@ def run_one(
     return record
 
 
+# ---------------------------------------------------------------------------- step sizes
+
+SELECTION = {
+    "tune": "Ray Tune per cell: tune.grid_search over the lr grid, each trial the cell on "
+    "every seed at one lr reporting the seed-mean final validation accuracy (mode max); "
+    "the best trial's runs are the reported ones (test accuracy never reaches Tune)",
+    "grid": "grid over the same trainer, best seed-mean final validation",
+}
+
+
+def best_step_size(val_by_lr: dict[float, list[float]]) -> float:
+    """The step size with the best seed-mean validation accuracy (ties: the first)."""
+    return max(val_by_lr, key=lambda lr: float(np.mean(val_by_lr[lr])))
+
+
+def cell_runs(
+    base, cell: Cell, pool: TargetPool, splits: dict, total: int, hidden: int, lr: float
+) -> list[dict[str, Any]]:
+    """One cell at one step size on every seed: one Tune trial (or one grid point)."""
+    from fqa.config import with_overrides
+
+    return [
+        run_one(
+            with_overrides(base, {"run.seed": seed, "train.lr": lr}),
+            cell,
+            pool,
+            splits[seed],
+            total,
+            hidden,
+        )
+        for seed in sorted(splits)
+    ]
+
+
+def _tune_trial(
+    params: dict[str, Any],
+    *,
+    base,
+    cell: Cell,
+    pool: TargetPool,
+    splits: dict,
+    total: int,
+    hidden: int,
+    records: str,
+    module: str,
+) -> None:
+    """The Tune trainable: ``cell_runs`` at ``params['train.lr']``. Tune gets the
+    validation accuracies only; the runs (test curves included) go to ``records``."""
+    from ray import tune
+
+    if str(Path(__file__).resolve()) != module:  # a Ray worker importing another checkout
+        raise RuntimeError(
+            f"the Tune trial imported {Path(__file__).resolve()}, the driver {module}: put "
+            "the repository on PYTHONPATH as an absolute path"
+        )
+    torch.set_num_threads(1)  # as in the driver: identical runs in either process
+    # arguments come read-only from Ray's object store; the runs get their own copies
+    pool = TargetPool(
+        pool.ids.copy(),
+        pool.labels.copy(),
+        pool.features.clone(),
+        pool.classes,
+        pool.source_classes,
+    )
+    splits = {s: {n: np.array(r) for n, r in v.items()} for s, v in splits.items()}
+    lr = float(params["train.lr"])
+    runs = cell_runs(base, cell, pool, splits, total, hidden, lr)
+    path = Path(records) / f"{tune.get_context().get_trial_id()}.json"
+    path.write_text(json.dumps(runs))
+    val = [r["val_accuracy"] for r in runs]
+    tune.report({"val_accuracy": float(np.mean(val)), "val_by_seed": val, "lr": lr})
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+
+
+def select_step_sizes(
+    how: str,
+    base,
+    chosen: list[Cell],
+    pool: TargetPool,
+    splits: dict,
+    total: int,
+    hidden: int,
+    grid: list[float],
+    runs_dir: str,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every cell at every grid step size on every seed, and each cell's selected step
+    size: ``how='tune'`` one Ray Tune grid search per cell (an embedded Ray instance of
+    one CPU unless this process already has Ray), ``'grid'`` the same trials in a loop."""
+    from tqdm.auto import tqdm
+
+    runs: list[dict[str, Any]] = []
+    selection: dict[str, dict[str, Any]] = {}
+    if how == "grid":
+        for cell in tqdm(chosen, desc="few-shot cells", leave=False):
+            by_lr = {lr: cell_runs(base, cell, pool, splits, total, hidden, lr) for lr in grid}
+            val = {lr: [r["val_accuracy"] for r in g] for lr, g in by_lr.items()}
+            selection[cell.label] = {
+                "lr": best_step_size(val),
+                "val_by_lr": {str(lr): float(np.mean(v)) for lr, v in val.items()},
+            }
+            runs += [r for g in by_lr.values() for r in g]
+        return runs, selection
+    import ray
+    from ray import tune
+
+    from cluster.runtime import connect
+
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials read the driver's relative paths
+    # Tune's new console output prints a configuration box per Tuner whatever the
+    # verbosity; the legacy one honours verbose=0 (our callback prints a line per trial)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    owns = connect(num_cpus=1)  # the runs are single-threaded and the machine shared
+    root = (Path(runs_dir) / "fewshot_tune").resolve()
+    try:
+        for cell in chosen:
+            name = _slug(cell.label)
+            shutil.rmtree(root / name, ignore_errors=True)  # scratch: a fresh search per run
+            records = root / name / "records"
+            records.mkdir(parents=True)
+            trainable = tune.with_parameters(
+                _tune_trial,
+                base=base,
+                cell=cell,
+                pool=pool,
+                splits=splits,
+                total=total,
+                hidden=hidden,
+                records=str(records),
+                module=str(Path(__file__).resolve()),
+            )
+            tuner = tune.Tuner(
+                tune.with_resources(trainable, {"cpu": 1}),
+                param_space={"train.lr": tune.grid_search(list(grid))},
+                tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=str(root),
+                    verbose=0,  # no status table: one line per trial instead
+                    callbacks=[_TrialLine(cell.label, len(grid))],
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
+            results = tuner.fit()
+            errors = [r.error for r in results if r.error is not None]
+            if errors:
+                raise RuntimeError(f"{cell.label}: {len(errors)} trial(s) failed") from errors[0]
+            best = results.get_best_result(metric="val_accuracy", mode="max", scope="last")
+            trials = sorted(results, key=lambda r: r.metrics["lr"])
+            selection[cell.label] = {
+                "lr": best.metrics["lr"],
+                "val_by_lr": {str(r.metrics["lr"]): r.metrics["val_accuracy"] for r in trials},
+                "tune_dir": str(Path(runs_dir) / "fewshot_tune" / name),
+            }
+            for result in trials:
+                path = records / f"{result.metrics['trial_id']}.json"
+                runs += json.loads(path.read_text())
+    finally:
+        if owns:
+            ray.shutdown()
+    return runs, selection
+
+
+class _TrialLine(Callback):
+    """One line per finished trial (Tune's status table is off)."""
+
+    def __init__(self, label: str, count: int) -> None:
+        self.label, self.count, self.done = label, count, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        last = trial.last_result or {}
+        print(
+            f"tune {self.label}: lr={trial.config['train.lr']:g} "
+            f"val={last.get('val_accuracy', float('nan')):.4f} ({self.done}/{self.count})",
+            flush=True,
+        )
+
+
 # ---------------------------------------------------------------------------- the bench
 
 
 def run(args) -> dict[str, Any]:
-    from fqa.config import load_config, with_overrides
+    from fqa.config import load_config
 
     torch.set_num_threads(1)  # the machine is shared; runs are sequential
     if args.resummarise:
         return _write(json.loads((Path(args.out) / "fewshot.json").read_text()), args.out)
     if args.quick:
-        args.seeds, args.lrs, args.total_queries, args.pretrain_epochs = 2, "0.003", 2000, 2
+        args.seeds, args.lrs, args.total_queries, args.pretrain_epochs = 2, "0.001,0.003", 2000, 2
     if args.add_cells:
         return add_cells(args)
     overrides = {"pretrain.epochs": args.pretrain_epochs, "run.out_dir": args.runs}
@@ -317,13 +507,9 @@ def run(args) -> dict[str, Any]:
     total = equal_budget(args.total_queries, base.train.batch_size, chosen)
     grid = [float(x) for x in str(args.lrs).split(",")]
     splits = {seed: kshot_split(pool.labels, args.k, seed) for seed in range(args.seeds)}
-    runs = []
-    from tqdm.auto import tqdm
-
-    jobs = [(cell, seed, lr) for cell in chosen for lr in grid for seed in range(args.seeds)]
-    for cell, seed, lr in tqdm(jobs, desc="few-shot runs", disable=args.quick):
-        config = with_overrides(base, {"run.seed": seed, "train.lr": lr})
-        runs.append(run_one(config, cell, pool, splits[seed], total, args.hidden))
+    runs, selection = select_step_sizes(
+        args.select, base, chosen, pool, splits, total, args.hidden, grid, args.runs
+    )
     sizes = {name: len(rows) for name, rows in splits[0].items()}
     report = {
         "protocol": {
@@ -343,12 +529,13 @@ def run(args) -> dict[str, Any]:
             "optimizer": base.train.optimizer,
             "stats_decay": base.allocator.stats_decay,
             "count_weighting": count_weighting_available(),
-            "step_size_selection": "grid over the same trainer, best seed-mean final validation",
+            "step_size_selection": SELECTION[args.select],
         },
         "splits_by_seed": {s: {n: r.tolist() for n, r in v.items()} for s, v in splits.items()},
         "pool_ids": pool.ids.tolist(),
         "cells": [asdict(c) for c in chosen],
         "runs": runs,
+        "selection": selection,
     }
     report["wall_seconds"] = time.perf_counter() - started
     return _write(report, args.out)
@@ -412,11 +599,13 @@ def add_cells(args) -> dict[str, Any]:
             f"{check['curve']['test_accuracy']}: a different backbone or thread count; "
             "rerun the whole bench instead of merging"
         )
-    from tqdm.auto import tqdm
-
-    jobs = [(c, seed, lr) for c in new for lr in p["lr_grid"] for seed in range(p["seeds"])]
-    for cell, seed, lr in tqdm(jobs, desc="added cells", disable=args.quick):
-        report["runs"].append(one(cell, seed, lr))
+    select = "tune" if p["step_size_selection"] == SELECTION["tune"] else "grid"
+    runs, selection = select_step_sizes(
+        select, base, new, pool, splits, total, p["head_hidden"], p["lr_grid"], args.runs
+    )
+    report["runs"] += runs
+    if "selection" in report:
+        report["selection"].update(selection)
     report["cells"] += [asdict(c) for c in new]
     p["count_weighting"] = count_weighting_available()
     report.setdefault("added", []).append(
@@ -462,7 +651,7 @@ def _write(report: dict, out: str) -> dict[str, Any]:
     """Summarise the runs into the tables, write fewshot.json and .png, print the tables."""
     chosen = [Cell(**c) for c in report["cells"]]
     sizes = report["protocol"]["split_sizes"]
-    report["table"] = summarise(report["runs"], chosen, sizes)
+    report["table"] = summarise(report["runs"], chosen, sizes, report.get("selection"))
     report["shared_lr"] = shared_lr_table(report["runs"], chosen)
     report["weighting"] = weighting_table(report["runs"], chosen)
     path = Path(out)
@@ -548,15 +737,21 @@ def shared_lr_table(runs: list[dict], chosen: list[Cell]) -> list[dict]:
     return rows
 
 
-def summarise(runs: list[dict], chosen: list[Cell], sizes: dict[str, int]) -> list[dict]:
-    """Per cell at its best step size: accuracy with intervals, queries to the target."""
+def summarise(
+    runs: list[dict], chosen: list[Cell], sizes: dict[str, int], selection: dict | None = None
+) -> list[dict]:
+    """Per cell at its selected step size (``selection``, e.g. Tune's pick; else the best
+    seed-mean validation accuracy): accuracy with intervals, queries to the target."""
     best: dict[str, list[dict]] = {}
     for cell in chosen:
         mine = [r for r in runs if r["cell"] == cell.label]
         by_lr: dict[float, list[dict]] = {}
         for run in mine:
             by_lr.setdefault(run["lr"], []).append(run)
-        lr = max(by_lr, key=lambda x: np.mean([r["val_accuracy"] for r in by_lr[x]]))
+        if selection and cell.label in selection:
+            lr = selection[cell.label]["lr"]
+        else:
+            lr = best_step_size({x: [r["val_accuracy"] for r in g] for x, g in by_lr.items()})
         best[cell.label] = sorted(by_lr[lr], key=lambda r: r["seed"])
     finals = {k: np.array([r["test_accuracy"] for r in g]) for k, g in best.items()}
     uniform = [c.label for c in chosen if c.forward_only and c.allocator == "uniform"]
@@ -692,6 +887,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--k", type=int, default=16, help="training examples per class")
     parser.add_argument("--seeds", type=int, default=8, help="k-shot draws (and head inits)")
     parser.add_argument("--lrs", default="0.0003,0.001,0.003,0.01", help="step-size grid")
+    parser.add_argument(
+        "--select",
+        choices=sorted(SELECTION),
+        default="tune",
+        help="step-size selection: a Ray Tune grid search per cell (default) or a plain loop",
+    )
     parser.add_argument("--total-queries", type=int, default=40_000, help="per run (rounded up)")
     parser.add_argument("--estimators", default="backprop,spsa,lr", help="cells to run")
     parser.add_argument("--mezo-q", type=int, default=2, help="spsa queries per datapoint")

@@ -1,7 +1,9 @@
 """The few-shot benchmark (benchmarks/fewshot.py): its splits, its equal budgets, and its
---quick mode end to end through ``python -m jobs.bench fewshot``."""
+--quick mode end to end through ``python -m jobs.bench fewshot``, step sizes picked by
+Ray Tune (a couple of trials per cell)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,9 +90,37 @@ def test_fewshot_quick(tmp_path, digits_dir, capsys):
     # equal total queries across every method and seed
     assert {r["queries"] for r in report["runs"]} == {protocol["total_queries"]}
     assert {r["cell"] for r in report["runs"]} == {c["label"] for c in report["cells"]}
-    assert len(report["runs"]) == len(report["cells"]) * protocol["seeds"]
+    grid = len(protocol["lr_grid"])
+    assert len(report["runs"]) == len(report["cells"]) * protocol["seeds"] * grid
 
+    # step sizes: one Tune grid search per cell over the quick grid, on validation only
+    assert protocol["lr_grid"] == [0.001, 0.003]
+    assert protocol["step_size_selection"].startswith("Ray Tune")
+    selection = report["selection"]
+    assert set(selection) == {c["label"] for c in report["cells"]}
     rows = {row["method"]: row for row in report["table"]}
+    for label, picked in selection.items():
+        # Tune saw every grid point, and each trial reported the seed-mean validation
+        # accuracy of exactly the runs stored for that cell and step size
+        assert set(picked["val_by_lr"]) == {"0.001", "0.003"}
+        for lr, val in picked["val_by_lr"].items():
+            mine = [r for r in report["runs"] if r["cell"] == label and r["lr"] == float(lr)]
+            assert len(mine) == protocol["seeds"]
+            assert val == pytest.approx(np.mean([r["val_accuracy"] for r in mine]))
+        # the selected step size is the one with the best reported validation accuracy,
+        # and the table reports that cell's runs at it
+        best = max(picked["val_by_lr"].values())
+        assert picked["val_by_lr"][str(picked["lr"])] == best
+        assert rows[label]["lr"] == picked["lr"]
+        assert rows[label]["val_mean"] == pytest.approx(best)
+        # Tune's experiment directory lives under --runs
+        tune_dir = tmp_path / "r" / "fewshot_tune"
+        assert Path(picked["tune_dir"]).resolve().parent == tune_dir.resolve()
+        assert list((tmp_path / "r" / "fewshot_tune").glob("*/experiment_state*.json"))
+    out_text = capsys.readouterr().out
+    assert out_text.count("tune ") == 2 * len(selection)  # a line per trial, no status table
+    assert "Trial Status" not in out_text and "Configuration for experiment" not in out_text
+
     # backprop beats chance (0.2 for 5 classes) by a margin
     assert rows["backprop"]["test_mean"] > 0.5
     for row in rows.values():
@@ -105,14 +135,18 @@ def test_fewshot_quick(tmp_path, digits_dir, capsys):
     # each allocator against uniform at the same step size, for the whole grid
     counted = [f"lr/{a} q=10 weighting=count" for a in ("neyman", "gaussian")]
     assert {(r["lr"], r["method"]) for r in report["shared_lr"]} == {
-        (0.003, label)
+        (lr, label)
+        for lr in (0.001, 0.003)
         for label in [f"lr/{a} q=10" for a in ("neyman", "gaussian", "bernoulli")] + counted
     }
     # count weighting against the unbiased estimator with the same allocator, paired by seed
-    assert [(r["method"], r["unbiased"]) for r in report["weighting"]] == [
-        (label, label.removesuffix(" weighting=count")) for label in counted
+    # at every grid step size
+    assert [(r["lr"], r["method"], r["unbiased"]) for r in report["weighting"]] == [
+        (lr, label, label.removesuffix(" weighting=count"))
+        for label in counted
+        for lr in (0.001, 0.003)
     ]
-    assert "test acc" in capsys.readouterr().out
+    assert "test acc" in out_text
     # the tables are a pure function of the runs: rebuilding them changes nothing
     assert main(["fewshot", "--resummarise", "--out", str(out)]) == 0
     rebuilt = json.loads((out / "fewshot.json").read_text())
@@ -123,6 +157,7 @@ def test_fewshot_quick(tmp_path, digits_dir, capsys):
     stripped = dict(report)
     stripped["cells"] = [c for c in report["cells"] if c["label"] not in counted]
     stripped["runs"] = [r for r in report["runs"] if r["cell"] not in counted]
+    stripped["selection"] = {k: v for k, v in selection.items() if k not in counted}
     (out / "fewshot.json").write_text(json.dumps(stripped))
     add = ["--add-cells", ",".join(counted), "--runs", str(tmp_path / "r")]
     assert main(argv + add) == 0
@@ -133,5 +168,8 @@ def test_fewshot_quick(tmp_path, digits_dir, capsys):
         map(strip, report["runs"]), key=key
     )
     assert merged["table"] == report["table"] and merged["weighting"] == report["weighting"]
+    assert {k: v["val_by_lr"] for k, v in merged["selection"].items()} == {
+        k: v["val_by_lr"] for k, v in selection.items()
+    }
     with pytest.raises(ValueError, match="already in"):
         main(argv + add)
