@@ -6,8 +6,11 @@ trainable mode and each sub-batch of rows (``--device cuda`` on a GPU):
 
 * **speed** — queries/s of each estimator's ``evaluate`` on one shard (a ``spsa``
   shard is 2 queries per row: θ±εu; an antithetic ``lr`` shard 2 per row: ±ε) against
-  rows/s of a plain ``torch.inference_mode()`` forward of the model on the same rows,
-  the physical floor of a query. Methods are timed in interleaved repetitions and the
+  rows/s of inference on the same rows: the task's unperturbed losses under
+  ``torch.inference_mode()`` — the batch gathered from the dataset, one forward, the
+  loss — which is the physical floor of a query (every query pays the gather, so a
+  baseline on pre-gathered inputs would bill the estimator for the input batch: at 32
+  rows of 224 px that is 19 MB, the whole of spsa's apparent 1.17× on ViT-S/16). Methods are timed in interleaved repetitions and the
   ratio is the median of the per-repetition ratios, so machine load cancels out.
 * **peak memory** — the highest amount of tensor storage alive at once *above what
   existed before* (parameters, data), from the PyTorch profiler's memory timeline
@@ -177,11 +180,10 @@ def measure(args, model: str | None, trainable: str, rows: int, reps: int) -> di
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tasks = {name: _setup(args, model, name, trainable, rows) for name in ESTIMATORS}
     task, _, shard = tasks["spsa"]
-    x, _ = task._rows(np.asarray(shard.ids))
+    ids = np.asarray(shard.ids)
 
-    def forward():
-        with torch.inference_mode():
-            task.model(x)
+    def forward():  # an unperturbed query: gather, forward, loss
+        task.losses(ids)
 
     def query(name):
         t, est, s = tasks[name]

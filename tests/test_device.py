@@ -90,6 +90,41 @@ def test_parameters_read_outside_a_forward_are_still_perturbed(vit_task):
     assert "head" in model.whole
 
 
+def test_a_parameter_its_enclosing_module_reads_is_swapped_with_that_module():
+    """nn.MultiheadAttention reads its out_proj Linear's weights without calling it: the
+    swap moves to the attention module's forward (one copy alive, not one per layer for
+    the whole query) once a query proves it bit-identical; both repeats are counted."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from fqa.estimators.spsa import PerturbedModel
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.attn(h, h, h)[0].sum((1, 2))
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(3, 5, 4)
+    task = SimpleNamespace(model=net, trainable_parameters=lambda: list(net.named_parameters()))
+    hooked = PerturbedModel(task, set())
+    everything = PerturbedModel(task, set(hooked.names.values()))
+    for scale in (1e-2, -1e-2, 1e-2):
+        a = hooked.query(7, scale, lambda: net(x))
+        b = everything.query(7, scale, lambda: net(x))
+        assert torch.equal(a, b)
+    assert hooked.guests == {net.attn: [net.attn.out_proj]}
+    assert "attn.out_proj" not in hooked.whole
+    assert hooked.repeated_rows == 2 * 3  # the first query only: the reference and the trial
+    assert not torch.equal(a, net(x))
+
+
 # ---- device resolution and bad input -------------------------------------------------
 
 

@@ -147,6 +147,9 @@ def batch_weights(counts: np.ndarray, weighting: str = "unbiased") -> np.ndarray
     return 1.0 / (len(counts) * counts)
 
 
+_warned_count: list[bool] = []
+
+
 def check_weighting(weighting: str) -> str:
     """Validate ``estimator.weighting``; choosing the biased ``count`` is logged loudly."""
     if weighting not in WEIGHTINGS:
@@ -154,7 +157,8 @@ def check_weighting(weighting: str) -> str:
             f"estimator.weighting={weighting!r} is not one of {list(WEIGHTINGS)}; "
             "use 'unbiased' (the estimator) or 'count' (the biased ablation)"
         )
-    if weighting == "count":
+    if weighting == "count" and not _warned_count:
+        _warned_count.append(True)  # once per process: every trainer and worker checks it
         log.warning(
             "estimator.weighting=count: every sample weighted alike, so datapoint i counts "
             "n_i times — a BIASED gradient (the FLOPS authors' code), for ablations only"

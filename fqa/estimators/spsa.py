@@ -53,10 +53,12 @@ class PerturbedModel:
 
     Each owning module's trainable parameters are replaced (in ``module._parameters``)
     by a perturbed copy from its forward pre-hook and put back by its forward hook.
-    Parameters whose module is never called — read directly by the task, like a
-    prompt context — are swapped for the whole query instead (``whole``); a query in
-    which some owner did not run is repeated with those owners moved there, so the
-    result never depends on which path a parameter took."""
+    Parameters whose module is never called are swapped for the whole query instead
+    (``whole``: e.g. a prompt context the task reads directly) or, when the enclosing
+    owner's forward reads them (nn.MultiheadAttention's ``out_proj``), together with
+    that owner — kept only if a query proves it bit-identical to the whole-query swap.
+    A query in which some owner did not run is repeated (and counted), so the result
+    never depends on which path a parameter took."""
 
     def __init__(self, task: Task, whole: set[str]) -> None:
         self.model = task.model
@@ -71,21 +73,26 @@ class PerturbedModel:
         self.originals: dict[tuple[nn.Module, str], nn.Parameter] = {}
         self.params = [p for _, p in task.trainable_parameters()]
         self.bits: DirectionBits | None = None  # small parameters' bits, per direction
+        # owners read inside an enclosing owner's forward without running themselves,
+        # swapped with it (host -> guests)
+        self.guests: dict[nn.Module, list[nn.Module]] = {}
         self.repeated_rows = 0  # queries spent learning which owners are silent (counted)
 
     def _swap(self, owner: nn.Module) -> None:
-        for attr, index in self.by_owner[owner]:
-            original = owner._parameters[attr]
-            self.originals[(owner, attr)] = original
-            owner._parameters[attr] = perturbed(
-                original, parameter_key(self.seed, index), self.scale, self.bits.bits.get(index)
-            )
+        for guest in (owner, *self.guests.get(owner, ())):
+            for attr, index in self.by_owner[guest]:
+                original = guest._parameters[attr]
+                self.originals[(guest, attr)] = original
+                guest._parameters[attr] = perturbed(
+                    original, parameter_key(self.seed, index), self.scale, self.bits.bits.get(index)
+                )
 
     def _restore(self, owner: nn.Module) -> None:
-        for attr, _ in self.by_owner[owner]:
-            original = self.originals.pop((owner, attr), None)
-            if original is not None:
-                owner._parameters[attr] = original
+        for guest in (owner, *self.guests.get(owner, ())):
+            for attr, _ in self.by_owner[guest]:
+                original = self.originals.pop((guest, attr), None)
+                if original is not None:
+                    guest._parameters[attr] = original
 
     def _pre(self, owner: nn.Module, _inputs) -> None:
         self.fired.add(owner)
@@ -98,32 +105,65 @@ class PerturbedModel:
         if self.depth[owner] == 0:
             self._restore(owner)
 
+    def _run(self, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, set[nn.Module]]:
+        """One query; returns the losses and the hooked owners that never ran."""
+        guests = {g for group in self.guests.values() for g in group}
+        hooked = [o for o in self.by_owner if self.names[o] not in self.whole and o not in guests]
+        handles = [o.register_forward_pre_hook(self._pre) for o in hooked]
+        handles += [o.register_forward_hook(self._post, always_call=True) for o in hooked]
+        self.fired.clear()
+        try:
+            for owner in self.by_owner:
+                if self.names[owner] in self.whole:
+                    self._swap(owner)
+            losses = run()
+        finally:
+            for handle in handles:
+                handle.remove()
+            for owner in self.by_owner:
+                self._restore(owner)
+            self.depth.clear()
+        return losses, {o for o in hooked if o not in self.fired}
+
+    def _host(self, silent: nn.Module) -> nn.Module | None:
+        """The nearest enclosing owner that ran: e.g. nn.MultiheadAttention, whose
+        forward reads its ``out_proj`` Linear's weights without calling it."""
+        name = self.names[silent]
+        while "." in name:
+            name = name.rpartition(".")[0]
+            module = self.model.get_submodule(name)
+            if module in self.by_owner and module in self.fired:
+                return module
+        return None
+
     def query(self, seed: int, scale: float, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``run()`` (the task's losses) with θ + scale·u(seed); θ exact afterwards."""
         self.seed, self.scale = seed, scale
         if self.bits is None or self.bits.seed != seed:  # reused by θ+εu and θ−εu
             self.bits = DirectionBits(seed, self.params)
-        while True:
-            hooked = [o for o in self.by_owner if self.names[o] not in self.whole]
-            handles = [o.register_forward_pre_hook(self._pre) for o in hooked]
-            handles += [o.register_forward_hook(self._post, always_call=True) for o in hooked]
-            self.fired.clear()
-            try:
-                for owner in self.by_owner:
-                    if self.names[owner] in self.whole:
-                        self._swap(owner)
-                losses = run()
-            finally:
-                for handle in handles:
-                    handle.remove()
-                for owner in self.by_owner:
-                    self._restore(owner)
-                self.depth.clear()
-            silent = {self.names[o] for o in hooked if o not in self.fired}
-            if not silent:
-                return losses
-            self.whole |= silent  # read outside their module's forward: swap them throughout
-            self.repeated_rows += len(losses)  # the repeat is a real query: it is counted
+        losses, silent = self._run(run)
+        if not silent:
+            return losses
+        # some parameters were read without their module running: repeat the query with
+        # them swapped throughout (always right), then try swapping each only during
+        # its enclosing owner's forward (keeps one module's copy alive, not all of
+        # them) and keep that only if the query comes out bit-identical
+        hosts = {o: self._host(o) for o in silent}
+        self.whole |= {self.names[o] for o in silent}
+        reference, _ = self._run(run)
+        self.repeated_rows += len(losses)  # the repeats are real queries: counted
+        adoptable = {o: h for o, h in hosts.items() if h is not None}
+        if adoptable:
+            self.whole -= {self.names[o] for o in adoptable}
+            for guest, host in adoptable.items():
+                self.guests.setdefault(host, []).append(guest)
+            trial, still_silent = self._run(run)
+            self.repeated_rows += len(losses)
+            if still_silent or not torch.equal(trial, reference):
+                for guest, host in adoptable.items():
+                    self.guests[host].remove(guest)
+                self.whole |= {self.names[o] for o in adoptable}
+        return reference
 
 
 @ESTIMATORS.register("spsa")
