@@ -74,7 +74,7 @@ class QueryWorker:
             "train_ids": self.task.train_ids(),
             "variance_scale": self.estimator.variance_scale(self.task),
             "primary_metric": getattr(self.task, "primary_metric", "accuracy"),
-            "trainable_count": sum(p.numel() for p in self.params if p.requires_grad),
+            "trainable_count": sum(p.numel() for p in self.params),
         }
 
     def load_replica(self, state: dict[str, Any], step: int) -> str:

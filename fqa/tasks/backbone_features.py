@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqa.device import CPU, Placement
-from fqa.tasks.base import Task
+from fqa.tasks.base import ClassifierTask
 
 # ---------------------------------------------------------------------------- features
 
@@ -87,7 +87,7 @@ class FeatureSplit:
     labels: torch.Tensor  # int64 [n]
 
 
-class FeatureHeadTask(Task):
+class FeatureHeadTask(ClassifierTask):
     """Classification by a trainable head over fixed features, addressed by global id."""
 
     def __init__(
@@ -109,7 +109,7 @@ class FeatureHeadTask(Task):
     def train_ids(self) -> np.ndarray:
         return self._ids["train"]
 
-    def _batch(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ids = np.asarray(ids, dtype=np.int64)
         known = ids < len(self._row)
         rows = np.where(known, self._row[np.where(known, ids, 0)], -1)
@@ -117,29 +117,6 @@ class FeatureHeadTask(Task):
             raise KeyError(f"ids not in the training set: {ids[rows < 0][:5].tolist()}")
         rows = torch.from_numpy(rows).to(self.placement.device)
         return self._x["train"][rows], self._y["train"][rows]
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        with self.placement.autocast():
-            return self.model(x).float()
-
-    def losses(self, ids: np.ndarray) -> torch.Tensor:
-        x, y = self._batch(ids)
-        with torch.inference_mode():
-            return F.cross_entropy(self._logits(x), y, reduction="none")
-
-    def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        x, y = self._batch(ids)
-        with torch.inference_mode():
-            logits = self._logits(x)
-            loss = F.cross_entropy(logits, y, reduction="none")
-        return {
-            "loss": loss.double().cpu().numpy(),
-            "correct": (logits.argmax(-1) == y).cpu().numpy(),
-        }
-
-    def backprop_loss(self, ids: np.ndarray) -> torch.Tensor:
-        x, y = self._batch(ids)
-        return F.cross_entropy(self._logits(x), y)
 
     def evaluate(self, split: str) -> dict[str, float]:
         with torch.inference_mode():

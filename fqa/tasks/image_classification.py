@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fqa.config import Config
 from fqa.data import ImageDataset
 from fqa.device import CPU, Placement, resolve
-from fqa.tasks.base import Task
+from fqa.tasks.base import ClassifierTask
 from fqa.tasks.models import create_timm_model, load_weights
 from fqa.tasks.trainable import add_lora, select_trainable
 
@@ -25,7 +25,7 @@ def _prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return (images - 0.5) / 0.5
 
 
-class ImageClassificationTask(Task):
+class ImageClassificationTask(ClassifierTask):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -69,29 +69,6 @@ class ImageClassificationTask(Task):
         if split in self._inputs:
             return self._inputs[split][positions]
         return _prepare_images(self._splits[split].images_at(positions), self.input_size)
-
-    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        with self.placement.autocast():
-            return self.model(inputs).float()  # the loss in fp32 whatever the compute dtype
-
-    def losses(self, ids: np.ndarray) -> torch.Tensor:
-        inputs, labels = self._rows(ids)
-        with torch.inference_mode():
-            return F.cross_entropy(self._logits(inputs), labels, reduction="none")
-
-    def prepass(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        inputs, labels = self._rows(ids)
-        with torch.inference_mode():
-            logits = self._logits(inputs)
-            loss = F.cross_entropy(logits, labels, reduction="none")
-        return {  # one host copy per batch
-            "loss": loss.double().cpu().numpy(),
-            "correct": (logits.argmax(-1) == labels).cpu().numpy(),
-        }
-
-    def backprop_loss(self, ids: np.ndarray) -> torch.Tensor:
-        inputs, labels = self._rows(ids)
-        return F.cross_entropy(self._logits(inputs), labels)
 
     def evaluate(self, split: str) -> dict[str, float]:
         labels = self._labels[split]
