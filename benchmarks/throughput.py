@@ -38,6 +38,7 @@ from torch import nn
 from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.config import load_config
 from fqa.data import ImageDataset
+from fqa.device import resolve
 from fqa.plots import plt
 from fqa.progress import progress
 from fqa.setup import build_estimator, build_task, load_data
@@ -119,22 +120,24 @@ def _real_model(name: str) -> nn.Module:
     return create_timm_model(name, NUM_CLASSES, {})  # 3 channels, 224 px
 
 
-def _real_task(name: str, config, rows: int, device: torch.device) -> ImageClassificationTask:
-    """``rows`` digits at 224 px in RGB (the gray channel repeated) on ``device``."""
+def _real_task(name: str, config, rows: int) -> ImageClassificationTask:
+    """``rows`` digits at 224 px in RGB (the gray channel repeated), placed where
+    ``run.device``/``run.precision`` say (the task moves model and batches there)."""
     splits, _ = load_data(config)
     train = splits["train"]
     n = min(rows, len(train))
     small = ImageDataset(
         ids=train.ids[:n].clone(),
-        images=train.images[:n].expand(-1, 3, -1, -1).to(device),
-        labels=train.labels[:n].to(device),
+        images=train.images[:n].expand(-1, 3, -1, -1),
+        labels=train.labels[:n],
         num_classes=NUM_CLASSES,
     )
     torch.manual_seed(config.run.seed)
-    model = _real_model(name).to(device)
+    model = _real_model(name)
     if not select_trainable(model, config.trainable.mode, config.trainable.blocks):
         raise ValueError(f"trainable.mode={config.trainable.mode} selects nothing in {name}")
-    return ImageClassificationTask(model, {"train": small}, 224)
+    placement = resolve(config.run.device, config.run.precision)
+    return ImageClassificationTask(model, {"train": small}, 224, placement=placement)
 
 
 def _setup(args, model: str | None, column: str, trainable: str, rows: int):
@@ -148,16 +151,12 @@ def _setup(args, model: str | None, column: str, trainable: str, rows: int):
         "pretrain.enabled": False,
         "estimator.shard_rows": rows,
         "train.progress": False,
+        "run.device": args.device,  # the task places model and batches
     }
     if args.quick:  # the test suite's tiny ViT
         overrides["model.kwargs"] = TINY_VIT
     config = load_config(args.config, overrides)
-    device = torch.device(args.device)
-    if model is None:
-        task = build_task(config)
-        task.model.to(device)
-    else:
-        task = _real_task(model, config, rows, device)
+    task = build_task(config) if model is None else _real_task(model, config, rows)
     est = build_estimator(config, task)  # lr: freezes what it cannot estimate
     ids = task.train_ids()[:rows]
     shard = est.plan(ids, np.ones(rows, dtype=int), task.prepass(ids)["loss"], 0, rows)[0]

@@ -100,6 +100,9 @@ class EstimatorConfig(_Section):
     antithetic: bool = True  # lr: queries in (+noise, -noise) pairs
     hook_conv: bool = False  # lr: also inject noise into trainable Conv2d outputs
     two_pass: bool = False  # lr: a second accumulating forward instead of storing inputs
+    # lr: the per-sample score norm the allocators read, from this many random probes per
+    # layer where a layer sees >= 2x as many tokens (unbiased, cheaper); 0: always exact
+    score_probes: int = Field(16, ge=0)
     # unbiased: 1/(B·n_i) per sample; count: 1/N per sample (the FLOPS code's biased mean)
     weighting: Literal["unbiased", "count"] = "unbiased"
     shard_rows: int = Field(512, ge=1)  # samples per shard (the unit a worker evaluates)

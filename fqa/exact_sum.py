@@ -64,7 +64,10 @@ def scale_exponents(max_abs: torch.Tensor, terms: int) -> list[int]:
 
 def encode(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
     """round(t · 2^k) as int64 (scaling by a power of two is exact in float64)."""
-    return torch.round(tensor.detach().cpu().double() * math.ldexp(1.0, exponent)).long()
+    scaled = tensor.detach().cpu().double()
+    if scaled.data_ptr() == tensor.data_ptr():  # already float64 on the host: do not scale it
+        scaled = scaled.clone()
+    return scaled.mul_(math.ldexp(1.0, exponent)).round_().long()
 
 
 def decode(total: torch.Tensor, exponent: int, dtype: torch.dtype) -> torch.Tensor:
@@ -76,11 +79,14 @@ def exact_sum(
     layout: Layout,
     terms: int,
     collective: Collective | None = None,
+    consume: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Σ over ``terms`` partial sums of named tensors, bit-identical however the terms
     are split among processes: this process holds ``partials`` (a missing name counts
     as zeros) and ``collective`` adds the other processes' shares (None: all here).
-    A tensor with a non-finite element in any term sums to NaN (the step is dropped)."""
+    A tensor with a non-finite element in any term sums to NaN (the step is dropped).
+    ``consume``: each partial tensor is removed from its dict once encoded, so the
+    terms and the total are not both held whole (a caller that needs them keeps False)."""
     names = list(layout)
     max_abs = torch.zeros(len(names), dtype=torch.float64)
     for j, name in enumerate(names):
@@ -96,7 +102,9 @@ def exact_sum(
     exponents = scale_exponents(max_abs, terms)
     totals: dict[str, torch.Tensor] = {}
     for bucket in _buckets(names, layout):
-        flat = torch.cat([_local_total(partials, names[j], layout, exponents[j]) for j in bucket])
+        flat = torch.cat(
+            [_local_total(partials, names[j], layout, exponents[j], consume) for j in bucket]
+        )
         if collective is not None:
             flat = collective.sum(flat)
         sizes = [math.prod(layout[names[j]][0]) for j in bucket]
@@ -111,12 +119,12 @@ def exact_sum(
     return totals
 
 
-def _local_total(partials, name: str, layout: Layout, exponent: int) -> torch.Tensor:
+def _local_total(partials, name: str, layout: Layout, exponent: int, consume: bool) -> torch.Tensor:
     shape, _ = layout[name]
     total = torch.zeros(math.prod(shape), dtype=torch.int64)
     for partial in partials:
         if name in partial:  # a non-finite term's tensor is NaN in the total anyway
-            total += encode(partial[name], exponent).flatten()
+            total += encode(partial.pop(name) if consume else partial[name], exponent).flatten()
     return total
 
 

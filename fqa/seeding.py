@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_PURPOSES = {"batch": 1, "allocation": 2, "queries": 3, "direction": 4}
+_PURPOSES = {"batch": 1, "allocation": 2, "queries": 3, "direction": 4, "score_probes": 5}
 
 
 def derive_seed(seed: int, purpose: str, *indices: int) -> int:

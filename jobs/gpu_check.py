@@ -2,11 +2,13 @@
 
 1. the ``gpu``-marked tests (device-parametrised unbiasedness, spsa replay bit-identical
    across CPU and CUDA, a resumed run on CUDA);
-2. throughput and peak memory on timm ``vit_base_patch16_224`` (random init, bf16,
-   batch 64): spsa queries/s ÷ inference rows/s, spsa peak ÷ inference peak, lr
-   queries/s ÷ inference, lr step peak ÷ backprop step peak (``torch.cuda.synchronize``
-   around timings, ``max_memory_allocated`` after ``reset_peak_memory_stats``, both
-   above the memory held before the call: weights and data);
+2. the throughput benchmark's measurement (``python -m jobs.bench throughput``, the same
+   code) at 64 rows on CUDA for timm ViT-S/16 and ViT-B/16 and open_clip ViT-B/32 (random
+   init, fp32, full fine-tuning; ViT-B/16 also with its last block): spsa and lr
+   queries/s ÷ inference rows/s, spsa peak ÷ inference peak, lr (and two_pass) step
+   peak ÷ backprop step peak (``torch.cuda.synchronize`` around timings,
+   ``max_memory_allocated`` after ``reset_peak_memory_stats``, above what was held
+   before the call: weights and data);
 3. a 2-worker Ray run sharing the GPU (``cluster.gpus_per_worker: 0.5``).
 
 One JSON file out; about 3-4 minutes on one H200. Without CUDA it exits with one line.
@@ -22,9 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def run_gpu_tests(timeout: int = 150) -> dict:
@@ -53,124 +53,22 @@ def run_gpu_tests(timeout: int = 150) -> dict:
     }
 
 
-class _ImageTask:
-    """Random 224px images on the GPU, a timm model with fp32 master weights, bf16 forwards."""
+def measure_throughput(rows: int = 64, reps: int = 3) -> dict:
+    """The throughput benchmark's own measurement (``benchmarks.throughput.measure``:
+    an unperturbed query as the baseline, interleaved repetitions, CUDA peaks) on the
+    three real models at ``rows`` rows: full fine-tuning, and ViT-B/16's last block."""
+    from benchmarks.common import DEFAULT_CONFIG
+    from benchmarks.throughput import REAL_MODELS, measure
 
-    def __new__(cls, model_name: str, rows: int, trainable: str = "full"):
-        import timm
-
-        from fqa.device import resolve
-        from fqa.tasks.base import Task
-        from fqa.tasks.trainable import select_trainable
-
-        placement = resolve("cuda", "bf16")
-        torch.manual_seed(0)
-        model = timm.create_model(model_name, pretrained=False, num_classes=10).eval()
-        select_trainable(model, trainable, 1)
-        x = torch.randn(rows, 3, 224, 224, device=placement.device)
-        y = torch.randint(0, 10, (rows,), device=placement.device)
-
-        class ImageTask(Task):
-            def __init__(self):
-                self.model, self.placement = model.to(placement.device), placement
-
-            def _loss(self, ids):
-                index = torch.as_tensor(np.asarray(ids), device=placement.device) % rows
-                with placement.autocast():
-                    return F.cross_entropy(self.model(x[index]).float(), y[index], reduction="none")
-
-            def losses(self, ids):
-                with torch.inference_mode():
-                    return self._loss(ids)
-
-            def prepass(self, ids):
-                loss = self.losses(ids).double().cpu().numpy()
-                return {"loss": loss, "correct": np.zeros(len(ids), bool)}
-
-            def backprop_loss(self, ids):
-                return self._loss(ids).mean()
-
-            def evaluate(self, split):
-                return {}
-
-            def train_ids(self):
-                return np.arange(rows)
-
-        return ImageTask()
-
-
-def _timed(fn, reps: int) -> float:
-    fn()  # warm-up (kernels, autocast caches)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / reps
-
-
-def _peak(fn) -> int:
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
-
-
-def measure_throughput(
-    model_name: str = "vit_base_patch16_224", rows: int = 64, reps: int = 5
-) -> dict:
-    from fqa.estimators import create_estimator
-
-    task = _ImageTask(model_name, rows)
-    ids = np.arange(rows)
-    baselines = task.prepass(ids)["loss"]
-    spsa = create_estimator("spsa", epsilon=1e-2)
-    lr = create_estimator("lr", sigma=0.1)
-    spsa_shard = spsa.plan(ids, np.ones(rows, int), baselines, 0, rows)[0]  # 2·rows queries
-    lr_shard = lr.plan(ids[: rows // 2], np.ones(rows // 2, int), baselines[: rows // 2], 0, rows)[
-        0
-    ]
-
-    def forward():
-        with torch.inference_mode(), task.placement.autocast():
-            task.model(torch.randn(rows, 3, 224, 224, device="cuda"))
-
-    def backprop():
-        with torch.enable_grad():
-            task.backprop_loss(ids).backward()
-        for _, p in task.trainable_parameters():
-            p.grad = None
-
-    seconds = {
-        "forward": _timed(forward, reps),
-        "spsa": _timed(lambda: spsa.evaluate(task, spsa_shard), reps),
-        "lr": _timed(lambda: lr.evaluate(task, lr_shard), reps),
-    }
-    peak = {
-        "forward": _peak(forward),
-        "spsa_queries": _peak(lambda: spsa.evaluate(task, spsa_shard)),
-        "lr_step": _peak(lambda: lr.estimate(task, [lr_shard])),
-        "backprop_step": _peak(backprop),
-    }
-    inference = rows / seconds["forward"]
-    spsa_qps = 2 * rows / seconds["spsa"]
-    lr_qps = rows / seconds["lr"]  # rows//2 antithetic pairs = rows queries
-    return {
-        "model": model_name,
-        "rows": rows,
-        "precision": "bf16",
-        "trainable_parameters": sum(p.numel() for _, p in task.trainable_parameters()),
-        "inference_rows_per_s": inference,
-        "spsa_queries_per_s": spsa_qps,
-        "lr_queries_per_s": lr_qps,
-        "spsa_vs_inference_speed": spsa_qps / inference,
-        "lr_vs_inference_speed": lr_qps / inference,
-        "peak_bytes": peak,
-        "spsa_vs_inference_peak": peak["spsa_queries"] / peak["forward"],
-        "lr_step_vs_backprop_peak": peak["lr_step"] / peak["backprop_step"],
-    }
+    args = argparse.Namespace(quick=False, config=DEFAULT_CONFIG, device="cuda")
+    cells = [(model, "full") for model in REAL_MODELS] + [("vit_base_patch16_224", "last_blocks")]
+    results = []
+    for model, trainable in cells:
+        started = time.perf_counter()
+        result = measure(args, model, trainable, rows, reps)
+        results.append({**result, "seconds": time.perf_counter() - started})
+        torch.cuda.empty_cache()
+    return {"rows": rows, "results": results}
 
 
 def run_ray_pair(out_dir: Path, timeout: int = 150) -> dict:

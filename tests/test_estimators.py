@@ -239,6 +239,76 @@ def test_conv_score_norm_is_the_norm_of_the_per_row_weight_gradient(module):
     torch.testing.assert_close(_score_norm_sq(module, x, noise), expected, rtol=1e-10, atol=0)
 
 
+def test_linear_score_norm_from_probes_is_unbiased_with_the_closed_form_variance():
+    """‖S z‖²/k with k Rademacher probes against the exact ‖S‖² (S = Σ_t ε_t x_tᵀ, the
+    Gram form): the mean of N draws within 5 standard errors, the standard error from the
+    closed form Var = 2(‖SᵀS‖²_F − Σ_j (SᵀS)_jj²)/k, and the sample variance near it."""
+    from fqa.estimators.lr import _score_norm_sq
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(12, 10, bias=False).double()
+    x = torch.randn(3, 40, 12, dtype=torch.float64)
+    noise = torch.randn(3, 40, 10, dtype=torch.float64)
+    exact = _score_norm_sq(module, x, noise)
+    score = torch.einsum("rto,rti->roi", noise, x)
+    torch.testing.assert_close(exact, score.pow(2).sum((1, 2)), rtol=1e-12, atol=0)
+    k, draws = 4, 4000
+    generator = torch.Generator().manual_seed(1)
+    estimates = torch.stack(
+        [
+            _score_norm_sq(
+                module,
+                x,
+                noise,
+                torch.randint(0, 2, (12, k), generator=generator).double().mul_(2).sub_(1),
+            )
+            for _ in range(draws)
+        ]
+    )
+    gram = score.transpose(1, 2) @ score  # SᵀS per row
+    variance = 2 * (gram.pow(2).sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).pow(2).sum(1)) / k
+    z = (estimates.mean(0) - exact) / (variance / draws).sqrt()
+    assert float(z.abs().max()) < 5, z
+    ratio = estimates.var(0) / variance  # chi-square-like spread: a few % at 4000 draws
+    assert float((ratio - 1).abs().max()) < 0.2, ratio
+
+
+def test_lr_score_probes_change_only_the_statistic_and_keep_its_scale():
+    """Probes replace the exact score norm only: gradients and values bit-identical, the
+    same draw twice gives the same statistic, and over many shards the mean squared
+    statistic agrees with the exact one."""
+    from tests.conftest import make_vit_task
+
+    task = make_vit_task("full")
+    for frozen in unestimated_parameters(task.model, False):
+        dict(task.model.named_parameters())[frozen].requires_grad_(False)
+    exact = create_estimator("lr", sigma=0.01, score_probes=0)
+    probed = create_estimator("lr", sigma=0.01, score_probes=4)  # 17 tokens >= 2*4
+    baselines = task.prepass(IDS)["loss"]
+    squares = {"exact": [], "probed": []}
+    for seed in range(30):
+        shard = exact.plan(IDS, np.ones(8, dtype=int), baselines, seed, 64)[0]
+        a, b = exact.evaluate(task, shard), probed.evaluate(task, shard)
+        if seed == 0:
+            assert np.array_equal(a.values, b.values)
+            assert all(torch.equal(a.grads[key], b.grads[key]) for key in a.grads)
+            assert not np.array_equal(a.stat_values, b.stat_values)  # probes were used
+            assert np.array_equal(probed.evaluate(task, shard).stat_values, b.stat_values)
+        squares["exact"].append(a.stat_values**2)
+        squares["probed"].append(b.stat_values**2)
+    # same shards, so only the probes differ: their relative error per draw is small
+    # (averaged over ~10 layers), and its mean over 240 draws must be near 0
+    exact_sq, probed_sq = np.concatenate(squares["exact"]), np.concatenate(squares["probed"])
+    relative = probed_sq / exact_sq - 1
+    se = relative.std() / len(relative) ** 0.5
+    assert abs(relative.mean()) < 5 * se + 1e-12, (relative.mean(), se)
+
+
+def test_lr_rejects_a_negative_probe_count():
+    with pytest.raises(ValueError, match="score_probes=-1"):
+        create_estimator("lr", score_probes=-1)
+
+
 def _conv_task():
     """A random resnet10t (float64) on 16x16 single-channel images, every conv trainable."""
     from tests.conftest import TensorTask

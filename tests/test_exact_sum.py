@@ -125,3 +125,19 @@ def test_a_non_finite_term_makes_its_tensor_nan_and_leaves_the_others():
     total = exact_sum(partials, layout_of(partials), 3)
     assert torch.isnan(total["w"]).all()
     assert torch.isfinite(total["b"]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_consuming_the_terms_gives_the_same_bits_and_leaves_them_untouched_until_taken(dtype):
+    """consume=True frees each term as it is encoded (the gradient is not held twice):
+    the same total, the dicts emptied; consume=False leaves the caller's tensors as they
+    were (float64 terms are not scaled in place)."""
+    partials = _partials(4, seed=5, dtype=dtype)
+    copies = [{name: t.clone() for name, t in p.items()} for p in partials]
+    layout = layout_of(partials)
+    kept = exact_sum(partials, layout, len(partials))
+    for partial, copy in zip(partials, copies, strict=True):
+        assert all(torch.equal(partial[name], copy[name]) for name in copy)
+    consumed = exact_sum(partials, layout, len(partials), consume=True)
+    assert all(not partial for partial in partials)
+    assert all(torch.equal(kept[name], consumed[name]) for name in layout)

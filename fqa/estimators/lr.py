@@ -12,7 +12,9 @@ The gradient is accumulated as one matrix product per layer over the shard's row
 Memory: ε is never stored — each layer's generator state is, and ε is redrawn from it
 for the product — so a query keeps only the hooked layers' inputs until the loss is
 known; with ``two_pass`` not even those (a second forward replays the same queries and
-accumulates each layer as its hook fires).
+accumulates each layer as its hook fires). The per-sample statistic the allocators read,
+‖Σ_t ε_t x_tᵀ‖² per layer, is exact or, where a layer sees many tokens, an unbiased
+estimate from ``score_probes`` random probes (docs/METHOD.md §2).
 """
 
 from __future__ import annotations
@@ -280,8 +282,13 @@ def _conv_score_norm_sq(module: nn.Conv2d, x: torch.Tensor, noise: torch.Tensor)
     return sq
 
 
-def _score_norm_sq(module: nn.Module, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """‖Σ_tokens ε_t x_tᵀ‖² (+ bias term) per row: the size of this layer's score."""
+def _score_norm_sq(
+    module: nn.Module, x: torch.Tensor, noise: torch.Tensor, probes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """‖Σ_tokens ε_t x_tᵀ‖² (+ bias term) per row: the size of this layer's score.
+
+    ``probes`` (in × k, Rademacher): the weight term estimated as ‖S z‖²/k, unbiased
+    because E[z zᵀ] = k·I, at T·k·(in+out) per row instead of the exact T²·(in+out)."""
     if isinstance(module, nn.Conv2d):
         return _conv_score_norm_sq(module, x, noise)
     if noise.dim() == 2:
@@ -291,20 +298,39 @@ def _score_norm_sq(module: nn.Module, x: torch.Tensor, noise: torch.Tensor) -> t
         return sq
     rows = noise.shape[0]
     noise3, x3 = noise.reshape(rows, -1, noise.shape[-1]), x.reshape(rows, -1, x.shape[-1])
-    # bmm with a contiguous right operand: far faster on CPU than a transposed view
-    gram = torch.bmm(noise3, noise3.transpose(1, 2).contiguous())
-    gram *= torch.bmm(x3, x3.transpose(1, 2).contiguous())
-    sq = gram.sum((1, 2))
+    if probes is not None:
+        projected = (x3 @ probes).transpose(1, 2).contiguous()  # (x z)ᵀ: rows × k × T
+        sq = torch.bmm(projected, noise3).pow(2).sum((1, 2)) / probes.shape[1]
+    else:
+        # bmm with a contiguous right operand: far faster on CPU than a transposed view
+        gram = torch.bmm(noise3, noise3.transpose(1, 2).contiguous())
+        gram *= torch.bmm(x3, x3.transpose(1, 2).contiguous())
+        sq = gram.sum((1, 2))
     if module.bias is not None and module.bias.requires_grad:
         sq = sq + noise3.sum(1).pow(2).sum(1)
     return sq
 
 
+def _probes_pay(x: torch.Tensor, probes: int) -> bool:
+    """Random probes when they at least halve the exact Gram's cost (T ≥ 2k tokens)."""
+    return probes > 0 and x.dim() > 2 and x[0].numel() // x.shape[-1] >= 2 * probes
+
+
 class _GradientProduct:
     """Σ_r c_r ε_r x_rᵀ (and the per-row score norms), accumulated one layer at a time."""
 
-    def __init__(self, modules, coefficient: torch.Tensor, samples: int, antithetic: bool):
+    def __init__(
+        self,
+        modules,
+        coefficient: torch.Tensor,
+        samples: int,
+        antithetic: bool,
+        probes: int = 0,
+        seed: int = 0,
+    ):
         self.names = {id(module): name for name, module in modules}
+        self.layer = {id(module): index for index, (_, module) in enumerate(modules)}
+        self.probes, self.probe_seed = probes, derive_seed(seed, "score_probes")
         self.coefficient = coefficient
         self.samples = samples
         self.antithetic = antithetic
@@ -335,7 +361,19 @@ class _GradientProduct:
         for pname, grad in layer_grads.items():
             key = f"{self.names[id(module)]}.{pname}"
             self.grads[key] = self.grads[key].add_(grad) if key in self.grads else grad
-        self.score_sq += _score_norm_sq(module, x_score, noise)
+        self.score_sq += _score_norm_sq(module, x_score, noise, self._probes(module, x_score))
+
+    def _probes(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """This layer's Rademacher probes (in × k) from its own seeded stream, or None
+        (exact) when they would not pay."""
+        if isinstance(module, nn.Conv2d) or not _probes_pay(x, self.probes):
+            return None
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(layer_seed(self.probe_seed, self.layer[id(module)]))
+        signs = torch.randint(
+            0, 2, (x.shape[-1], self.probes), generator=generator, device=x.device
+        )
+        return signs.to(x.dtype).mul_(2).sub_(1)
 
 
 @ESTIMATORS.register("lr")
@@ -348,6 +386,7 @@ class LikelihoodRatioEstimator(Estimator):
         antithetic: bool = True,
         hook_conv: bool = False,
         two_pass: bool = False,
+        score_probes: int = 16,
         weighting: str = "unbiased",
         **_ignored,
     ):
@@ -359,6 +398,14 @@ class LikelihoodRatioEstimator(Estimator):
         # two_pass: a second, accumulating forward instead of keeping every layer's input
         # until the loss is known (about 2x the compute, inference-level memory)
         self.two_pass = two_pass
+        if not (isinstance(score_probes, int) and score_probes >= 0):
+            raise ValueError(
+                f"estimator.score_probes={score_probes!r} must be an integer >= 0 "
+                "(0: the exact per-sample score norm; typical: 16)"
+            )
+        # the allocators' per-sample statistic: exact, or from k random probes per layer
+        # where there are at least 2k tokens (unbiased, a fraction of the cost)
+        self.score_probes = score_probes
         self.queries_per_sample = 2 if antithetic else 1
         self.weighting = check_weighting(weighting)
 
@@ -428,7 +475,9 @@ class LikelihoodRatioEstimator(Estimator):
             np.tile(shard.weights, len(row_ids) // samples), device=losses.device
         )
         coefficient = advantage * row_weights / (self.sigma * (len(row_ids) // samples))
-        product = _GradientProduct(modules, coefficient, samples, self.antithetic)
+        product = _GradientProduct(
+            modules, coefficient, samples, self.antithetic, self.score_probes, shard.seed
+        )
         if self.two_pass:
             # replay the same queries (same seed, so the same ε and the same x) and
             # accumulate each layer as its hook fires: nothing is stored across layers
@@ -472,13 +521,15 @@ class LikelihoodRatioEstimator(Estimator):
     def reduce(self, shards: list[Shard], results: list[ShardResult]) -> Update:
         """The shards' partial gradient sums, added exactly (fqa.exact_sum): the same
         bits in any order, so replicas agree whoever evaluated which shard. When the sums
-        stayed on the workers, the update names the shards and each replica finishes it."""
+        stayed on the workers, the update names the shards and each replica finishes it.
+        The results' tensors are consumed as they are added (the gradient is not held
+        twice)."""
         queries = sum(r.queries for r in results)
         nonfinite = sum(r.nonfinite for r in results)
         if any(r.grads_held for r in results):
             return Update(pending=list(shards), queries=queries, nonfinite=nonfinite)
         partials = [r.grads for r in results if r.grads]
-        grads = exact_sum(partials, layout_of(partials), len(results))
+        grads = exact_sum(partials, layout_of(partials), len(results), consume=True)
         return Update(grads=grads, queries=queries, nonfinite=nonfinite)
 
     def finish(self, task, update, held, collective=None) -> None:
