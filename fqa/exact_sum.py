@@ -64,9 +64,7 @@ def scale_exponents(max_abs: torch.Tensor, terms: int) -> list[int]:
 
 def encode(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
     """round(t · 2^k) as int64 (scaling by a power of two is exact in float64)."""
-    scaled = tensor.detach().cpu().double()
-    if scaled.data_ptr() == tensor.data_ptr():  # already float64 on the host: do not scale it
-        scaled = scaled.clone()
+    scaled = tensor.detach().to("cpu", torch.float64, copy=True)  # the caller's is untouched
     return scaled.mul_(math.ldexp(1.0, exponent)).round_().long()
 
 

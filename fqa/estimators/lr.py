@@ -37,7 +37,7 @@ from fqa.estimators.base import (
     chunks,
 )
 from fqa.exact_sum import exact_sum, layout_of
-from fqa.noise import parameter_key
+from fqa.noise import parameter_key, signed
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
 
@@ -370,10 +370,8 @@ class _GradientProduct:
             return None
         generator = torch.Generator(device=x.device)
         generator.manual_seed(layer_seed(self.probe_seed, self.layer[id(module)]))
-        signs = torch.randint(
-            0, 2, (x.shape[-1], self.probes), generator=generator, device=x.device
-        )
-        return signs.to(x.dtype).mul_(2).sub_(1)
+        bits = torch.randint(0, 2, (x.shape[-1], self.probes), generator=generator, device=x.device)
+        return signed(bits, 1.0, x.dtype)
 
 
 @ESTIMATORS.register("lr")
