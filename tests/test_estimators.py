@@ -477,3 +477,43 @@ def test_count_weighting_has_the_count_weighted_expectation(vit_head_task, name,
 def test_unknown_weighting_is_rejected_with_the_choices():
     with pytest.raises(ValueError, match=r"weighting='n'.*'unbiased'.*'count'"):
         create_estimator("lr", weighting="n")
+
+
+@pytest.mark.parametrize("pairs", [3, None])
+def test_lr_noisy_linear_matches_the_plain_forward_plus_noise(pairs):
+    """The fused query forward, xWᵀ accumulated into b ± σε, against the hook's path
+    (the plain forward, then ± σε), which runs where autograd records: the same
+    outputs to float64 rounding and the same ε handed on, with and without a bias and
+    for a Linear subclass that keeps the hook. The class forward is back afterwards."""
+    from fqa.estimators.lr import _NoiseInjector
+
+    class Scaled(torch.nn.Linear):  # its own forward: the hook path, never fused
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4, bias=False), Scaled(4, 3)
+    ).double()
+    modules = [(name, m) for name, m in model.named_children() if isinstance(m, torch.nn.Linear)]
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+
+    def noisy_forward(grad: bool):
+        handed = []
+        injector = _NoiseInjector(modules, 0.3, 11, pairs, lambda m, x, n, s: handed.append(n))
+        try:
+            with torch.set_grad_enabled(grad):
+                out = model(x)
+        finally:
+            injector.remove()
+        return out.detach(), handed
+
+    fused, fused_noise = noisy_forward(False)
+    plain, plain_noise = noisy_forward(True)
+    assert len(fused_noise) == len(plain_noise) == 3
+    for a, b in zip(fused_noise, plain_noise, strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert not torch.allclose(fused, model(x), atol=1e-3)  # the noise is in there
+    assert all("forward" not in m.__dict__ for _, m in modules)

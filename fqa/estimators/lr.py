@@ -19,6 +19,7 @@ estimate from ``score_probes`` random probes (docs/METHOD.md §2).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -100,17 +101,58 @@ class _NoiseInjector:
         self.generators: dict[int, torch.Generator] = {}
         self.pairs = pairs  # antithetic: rows = [+ε for pairs] + [−ε for pairs]
         self.consume = consume
-        self.handles = [module.register_forward_hook(self._hook) for _, module in modules]
+        self.handles = []
+        self.patched: list[nn.Module] = []
+        for _, module in modules:
+            if type(module).forward is nn.Linear.forward:
+                # the noise rides in the bias term of the layer's own matmul (below)
+                module.forward = functools.partial(self._noisy_linear, module)
+                self.patched.append(module)
+            else:
+                self.handles.append(module.register_forward_hook(self._hook))
+
+    def _generator(self, module: nn.Module, device: torch.device) -> torch.Generator:
+        """Each layer its own generator, seeded from (shard seed, layer), on this device:
+        reproducible per device type; never needs replaying elsewhere (docs/METHOD.md §7)."""
+        generator = self.generators.get(id(module))
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(layer_seed(self.seed, self.layer[id(module)]))
+            self.generators[id(module)] = generator
+        return generator
+
+    def _noisy_linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """y = xWᵀ + (b ± σε) as one matmul accumulating into the noisy bias: the hook's
+        (xWᵀ + b) + σε rounded in another order, without the pass that copies b into y
+        and the pass that adds ε (a few % of a query on CPU). Where autograd records,
+        autocast runs, or the dtypes differ, the plain forward and the hook instead."""
+        weight, bias = module.weight, module.bias
+        if (
+            (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or torch.is_autocast_enabled(x.device.type)
+            or x.dim() < 2
+            or not x.dtype == weight.dtype == _noise_dtype(x.dtype)
+        ):
+            return self._hook(module, (x,), nn.Linear.forward(module, x))
+        output = torch.empty(
+            (*x.shape[:-1], module.out_features), dtype=x.dtype, device=x.device
+        )
+        generator = self._generator(module, x.device)
+        state = generator.get_state()
+        noise = _draw_noise(generator, output, self.pairs)
+        shift = bias if bias is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+        if self.pairs is not None:
+            torch.add(shift, noise, alpha=self.sigma, out=output[: self.pairs])
+            torch.add(shift, noise, alpha=-self.sigma, out=output[self.pairs :])
+        else:
+            torch.add(shift, noise, alpha=self.sigma, out=output)
+        output.view(-1, module.out_features).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+        self.consume(module, x, noise, state)
+        return output
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         in_place = not (torch.is_grad_enabled() and output.requires_grad)
-        # each layer its own generator, seeded from (shard seed, layer), on this device:
-        # reproducible per device type; never needs replaying elsewhere (docs/METHOD.md §7)
-        generator = self.generators.get(id(module))
-        if generator is None:
-            generator = torch.Generator(device=output.device)
-            generator.manual_seed(layer_seed(self.seed, self.layer[id(module)]))
-            self.generators[id(module)] = generator
+        generator = self._generator(module, output.device)
         state = generator.get_state()
         noise = _draw_noise(generator, output, self.pairs)
         if self.pairs is not None:
@@ -132,6 +174,8 @@ class _NoiseInjector:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        for module in self.patched:
+            del module.forward  # the class's forward again
 
 
 def _draw_noise(generator: torch.Generator, output: torch.Tensor, pairs: int | None):
@@ -215,11 +259,13 @@ def _pair_gradient(
     x: torch.Tensor,
     half: torch.Tensor,
     coefficients,
+    row_sums: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Antithetic Σ_r c_r ε_r ⊗ x_r with ε = [half, −half]: Σ_p half_p ⊗ (c⁺_p x⁺_p − c⁻_p x⁻_p).
 
     One product of half the rows; exact because the gradient is bilinear in (noise, x).
-    ``coefficients(dtype)`` gives (c⁺, c⁻, c⁺ − c⁻) in that dtype."""
+    ``coefficients(dtype)`` gives (c⁺, c⁻, c⁺ − c⁻) in that dtype; ``row_sums``, each
+    row's noise summed over tokens (Linear), when the caller has it already."""
     pairs = half.shape[0]
     grads = {}
     if module.weight.requires_grad:
@@ -245,7 +291,7 @@ def _pair_gradient(
         if isinstance(module, nn.Conv2d):
             per_row = half.sum(dim=(2, 3))
         else:
-            per_row = half.reshape(pairs, -1, half.shape[-1]).sum(1)
+            per_row = _token_sums(half) if row_sums is None else row_sums
         grads["bias"] = diff @ per_row
     return grads
 
@@ -282,13 +328,24 @@ def _conv_score_norm_sq(module: nn.Conv2d, x: torch.Tensor, noise: torch.Tensor)
     return sq
 
 
+def _token_sums(noise: torch.Tensor) -> torch.Tensor:
+    """Each row's Linear-layer noise summed over its tokens (rows × out): the bias's
+    gradient and score both read it."""
+    return noise.reshape(noise.shape[0], -1, noise.shape[-1]).sum(1)
+
+
 def _score_norm_sq(
-    module: nn.Module, x: torch.Tensor, noise: torch.Tensor, probes: torch.Tensor | None = None
+    module: nn.Module,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    probes: torch.Tensor | None = None,
+    row_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """‖Σ_tokens ε_t x_tᵀ‖² (+ bias term) per row: the size of this layer's score.
 
     ``probes`` (in × k, Rademacher): the weight term estimated as ‖S z‖²/k, unbiased
-    because E[z zᵀ] = k·I, at T·k·(in+out) per row instead of the exact T²·(in+out)."""
+    because E[z zᵀ] = k·I, at T·k·(in+out) per row instead of the exact T²·(in+out).
+    ``row_sums``: ``_token_sums(noise)`` when the caller has it already."""
     if isinstance(module, nn.Conv2d):
         return _conv_score_norm_sq(module, x, noise)
     if noise.dim() == 2:
@@ -307,7 +364,7 @@ def _score_norm_sq(
         gram *= torch.bmm(x3, x3.transpose(1, 2).contiguous())
         sq = gram.sum((1, 2))
     if module.bias is not None and module.bias.requires_grad:
-        sq = sq + noise3.sum(1).pow(2).sum(1)
+        sq = sq + (_token_sums(noise) if row_sums is None else row_sums).pow(2).sum(1)
     return sq
 
 
@@ -351,8 +408,11 @@ class _GradientProduct:
 
     def add(self, module: nn.Module, x: torch.Tensor, noise: torch.Tensor, _state=None) -> None:
         x = x.to(noise.dtype)  # fp32 products under bf16 autocast
+        row_sums = None  # a Linear bias's per-row noise sums, formed once for both uses
+        if isinstance(module, nn.Linear) and module.bias is not None and module.bias.requires_grad:
+            row_sums = _token_sums(noise)
         if self.antithetic:
-            layer_grads = _pair_gradient(module, x, noise, self.coefficients)
+            layer_grads = _pair_gradient(module, x, noise, self.coefficients, row_sums)
             x_score = x[: self.samples]
         else:
             weighted = noise * _row_view(self.coefficients(noise.dtype)[0], noise)
@@ -361,7 +421,8 @@ class _GradientProduct:
         for pname, grad in layer_grads.items():
             key = f"{self.names[id(module)]}.{pname}"
             self.grads[key] = self.grads[key].add_(grad) if key in self.grads else grad
-        self.score_sq += _score_norm_sq(module, x_score, noise, self._probes(module, x_score))
+        probes = self._probes(module, x_score)
+        self.score_sq += _score_norm_sq(module, x_score, noise, probes, row_sums)
 
     def _probes(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """This layer's Rademacher probes (in × k) from its own seeded stream, or None
