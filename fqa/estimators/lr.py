@@ -1,4 +1,4 @@
-"""Likelihood-ratio estimator: Gaussian noise injected into layer outputs by forward hooks.
+"""Likelihood-ratio estimator: Gaussian noise injected into layer outputs (Linear, Conv2d).
 
 For a hooked layer y = Wx + b, the query adds σε to y; with the query's loss l and
 the datapoint's unperturbed loss b_i as baseline,
@@ -9,6 +9,8 @@ Each trainable nn.Linear (optionally nn.Conv2d) gets its own noise in the same f
 so one query estimates all layers at once. Samples are antithetic pairs (ε, −ε) by
 default, in which case the baseline cancels and the pair is a central difference.
 The gradient is accumulated as one matrix product per layer over the shard's rows.
+A plain Linear adds its noise inside its own matmul (xWᵀ accumulated into b ± σε);
+other layers get a forward hook that adds it to the output.
 Memory: ε is never stored — each layer's generator state is, and ε is redrawn from it
 for the product — so a query keeps only the hooked layers' inputs until the loss is
 known; with ``two_pass`` not even those (a second forward replays the same queries and
@@ -88,8 +90,9 @@ def unestimated_parameters(model: nn.Module, include_conv: bool) -> list[str]:
 
 
 class _NoiseInjector:
-    """Forward hooks that add σε to each hooked layer's output and hand each layer's
-    (module, input x, noise ε, generator state before ε) to ``consume``.
+    """Adds σε to each hooked layer's output (inside a plain Linear's matmul, else by a
+    forward hook) and hands each layer's (module, input x, noise ε, generator state
+    before ε) to ``consume``. ``remove()`` restores the layers.
 
     ε itself is not kept: the gradient regenerates it from the saved generator state,
     so a query stores only what the product Σ_r c_r ε_r x_rᵀ cannot recompute."""
