@@ -44,6 +44,9 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # bf16: autocast forward passes; fp32 master weights, perturbations and optimizer steps
     precision: Literal["fp32", "bf16"] = "fp32"
+    # keep freed host memory in the process (glibc): no page faults for each query's
+    # tensors, at the cost of holding the peak (fqa.host_memory)
+    retain_host_memory: bool = True
 
     _out_dir = _storage_field("out_dir")
 

@@ -16,6 +16,7 @@ from fqa.allocators import create_allocator
 from fqa.config import Config
 from fqa.data import ImageDataset, check_splits, ensure_digits, load_splits
 from fqa.estimators import Estimator, create_estimator
+from fqa.host_memory import retain_freed_memory
 from fqa.seeding import derive_seed
 from fqa.tasks import create_task
 
@@ -52,6 +53,8 @@ def check_data(config: Config) -> None:
 def build_task(config: Config):
     """The task the config names (``task.name``, see ``fqa.tasks.list_tasks()``), built
     on the configured data."""
+    if config.run.retain_host_memory:
+        retain_freed_memory()
     splits, num_classes = load_data(config)
     return create_task(config.task.name, config=config, splits=splits, num_classes=num_classes)
 

@@ -1,0 +1,44 @@
+"""Keep freed host memory in the process instead of handing it back to the OS.
+
+glibc serves large allocations (activations, noise, gradient products: megabytes each)
+with fresh ``mmap`` pages and unmaps them on free, so every query's tensors page-fault
+their memory in again: the kernel zeroes each 4 KiB page on first touch. On CPU that
+is 5-15% of an lr query at ViT sizes (docs/RESULTS.md). The fix PyTorch's CPU tuning
+guide gives is a caching allocator (jemalloc, tcmalloc via LD_PRELOAD); the same effect
+from inside the process is two glibc settings: large blocks come from the heap, and
+the heap is never trimmed. The process then holds its peak, as CUDA's caching
+allocator does on a GPU. ``run.retain_host_memory: false`` keeps glibc's defaults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
+_M_MMAP_MAX = -4
+_retained = False
+
+
+def retain_freed_memory() -> bool:
+    """Tune glibc's malloc once per process; False where the C library is not glibc
+    (macOS, musl), which is left as it is."""
+    global _retained
+    if _retained:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only; musl has no mallopt worth the name
+    except (OSError, AttributeError):
+        return False
+    # mallopt returns 1 on success; -1 disables trimming entirely (man 3 mallopt)
+    _retained = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+    if not _retained:
+        log.warning("glibc refused the malloc settings; freed host memory goes back to the OS")
+    return _retained
