@@ -39,10 +39,9 @@ from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.config import load_config
 from fqa.data import ImageDataset
 from fqa.device import resolve
-from fqa.host_memory import retain_freed_memory
 from fqa.plots import plt
 from fqa.progress import progress
-from fqa.setup import build_estimator, build_task, load_data
+from fqa.setup import build_estimator, build_task, load_data, prepare_host
 from fqa.tasks.image_classification import ImageClassificationTask
 from fqa.tasks.models import TINY_VIT, create_timm_model
 from fqa.tasks.trainable import select_trainable
@@ -124,6 +123,7 @@ def _real_model(name: str) -> nn.Module:
 def _real_task(name: str, config, rows: int) -> ImageClassificationTask:
     """``rows`` digits at 224 px in RGB (the gray channel repeated), placed where
     ``run.device``/``run.precision`` say (the task moves model and batches there)."""
+    prepare_host(config)  # as build_task does
     splits, _ = load_data(config)
     train = splits["train"]
     n = min(rows, len(train))
@@ -157,8 +157,6 @@ def _setup(args, model: str | None, column: str, trainable: str, rows: int):
     if args.quick:  # the test suite's tiny ViT
         overrides["model.kwargs"] = TINY_VIT
     config = load_config(args.config, overrides)
-    if config.run.retain_host_memory:  # as build_task does for every run
-        retain_freed_memory()
     task = build_task(config) if model is None else _real_task(model, config, rows)
     est = build_estimator(config, task)  # lr: freezes what it cannot estimate
     ids = task.train_ids()[:rows]

@@ -21,24 +21,29 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 _M_MMAP_MAX = -4
-_retained = False
+_retained: bool | None = None  # None: not tried yet in this process
 
 
 def retain_freed_memory() -> bool:
-    """Tune glibc's malloc once per process; False where the C library is not glibc
-    (macOS, musl), which is left as it is."""
+    """Tune glibc's malloc, tried once per process; False where the C library is not
+    glibc (macOS, musl), which is left as it is, or where glibc refused."""
     global _retained
-    if _retained:
-        return True
+    if _retained is None:
+        _retained = _tune_glibc()
+    return _retained
+
+
+def _tune_glibc() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # glibc only; musl has no mallopt worth the name
-    except (OSError, AttributeError):
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only; musl's mallopt is a stub
         return False
     # mallopt returns 1 on success; -1 disables trimming entirely (man 3 mallopt)
-    _retained = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
-    if not _retained:
-        log.warning("glibc refused the malloc settings; freed host memory goes back to the OS")
-    return _retained
+    if libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1):
+        return True
+    log.warning("glibc refused the malloc settings; freed host memory goes back to the OS")
+    return False

@@ -50,11 +50,17 @@ def check_data(config: Config) -> None:
         check_splits(config.data.dir)
 
 
+def prepare_host(config: Config) -> None:
+    """The process-wide host settings the config asks for (``run.retain_host_memory``);
+    every path that builds a task calls it first."""
+    if config.run.retain_host_memory:
+        retain_freed_memory()
+
+
 def build_task(config: Config):
     """The task the config names (``task.name``, see ``fqa.tasks.list_tasks()``), built
     on the configured data."""
-    if config.run.retain_host_memory:
-        retain_freed_memory()
+    prepare_host(config)
     splits, num_classes = load_data(config)
     return create_task(config.task.name, config=config, splits=splits, num_classes=num_classes)
 
