@@ -21,7 +21,9 @@ trainable mode and each sub-batch of rows (``--device cuda`` on a GPU):
   (forward + backward into fresh ``.grad``) of the same trainable parameters
   (on CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``).
 * ``lr2`` is ``lr`` with ``two_pass`` (a second, accumulating forward instead of keeping
-  every layer's input until the loss is known); ``backprop`` is also timed.
+  every layer's input until the loss is known); ``lrh`` is ``lr`` with
+  ``recompute_hidden`` (each MLP's hidden activation recomputed from the MLP's input
+  instead of kept); ``backprop`` is also timed.
 """
 
 from __future__ import annotations
@@ -46,9 +48,15 @@ from fqa.tasks.image_classification import ImageClassificationTask
 from fqa.tasks.models import TINY_VIT, create_timm_model
 from fqa.tasks.trainable import select_trainable
 
-METHODS = ("forward", "spsa", "lr", "lr2", "backprop")
-# lr2: the lr estimator with two_pass (a second accumulating forward, nothing stored)
-ESTIMATORS = {"spsa": ("spsa", False), "lr": ("lr", False), "lr2": ("lr", True)}
+METHODS = ("forward", "spsa", "lr", "lr2", "lrh", "backprop")
+# lr2: the lr estimator with two_pass (a second accumulating forward, nothing stored);
+# lrh: with recompute_hidden (MLP hidden activations recomputed, not stored)
+ESTIMATORS = {
+    "spsa": {"estimator.name": "spsa"},
+    "lr": {"estimator.name": "lr"},
+    "lr2": {"estimator.name": "lr", "estimator.two_pass": True},
+    "lrh": {"estimator.name": "lr", "estimator.recompute_hidden": True},
+}
 # The sizes people fine-tune, at 224 px, randomly initialised (weights do not change a
 # query's cost): timm name, or "open_clip:<name>" for an open_clip image tower + head.
 REAL_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "open_clip:ViT-B-32")
@@ -143,10 +151,8 @@ def _real_task(name: str, config, rows: int) -> ImageClassificationTask:
 
 def _setup(args, model: str | None, column: str, trainable: str, rows: int):
     """The task and estimator of one column; ``model`` None: the config's (tiny) model."""
-    estimator, two_pass = ESTIMATORS[column]
     overrides = {
-        "estimator.name": estimator,
-        "estimator.two_pass": two_pass,
+        **ESTIMATORS[column],
         "trainable.mode": trainable,
         "model.checkpoint": None,  # weights do not change a query's cost
         "pretrain.enabled": False,
@@ -199,6 +205,7 @@ def measure(args, model: str | None, trainable: str, rows: int, reps: int) -> di
         "spsa": query("spsa"),
         "lr": query("lr"),
         "lr2": query("lr2"),
+        "lrh": query("lrh"),
         "backprop": backprop,
     }
     for fn in calls.values():
@@ -244,6 +251,7 @@ def measure(args, model: str | None, trainable: str, rows: int, reps: int) -> di
         "spsa_queries_vs_forward_memory": memory["spsa_queries"] / memory["forward"],
         "lr_step_vs_backprop_memory": memory["lr_step"] / memory["lr_backprop_step"],
         "lr2_step_vs_backprop_memory": memory["lr2_step"] / memory["lr_backprop_step"],
+        "lrh_step_vs_backprop_memory": memory["lrh_step"] / memory["lr_backprop_step"],
     }
 
 
@@ -285,12 +293,14 @@ def run(args) -> dict[str, Any]:
 def format_report(report: dict) -> str:
     """One row per (model, trainable, rows); the target ratios at the right.
 
-    lr2 is lr with ``two_pass`` (a second accumulating forward instead of stored inputs)."""
+    lr2 is lr with ``two_pass`` (a second accumulating forward instead of stored inputs),
+    lrh with ``recompute_hidden`` (MLP hidden activations recomputed, not stored)."""
     lines = [
         f"{'model':<22} {'trainable':<11} {'rows':>4} {'params':>7} {'fwd rows/s':>10} "
-        f"{'spsa q/s':>8} {'lr q/s':>7} {'lr2 q/s':>7} {'bp s/step':>9} | peak MB: {'fwd':>6} "
-        f"{'spsa':>6} {'lr':>6} {'lr2':>6} {'bp':>6} | {'lr/bp':>5} {'lr2/bp':>6} "
-        f"{'lr/fwd':>6} {'lr2/fwd':>7} {'spsa/fwd':>8} {'spsa/fwd mem':>12}"
+        f"{'spsa q/s':>8} {'lr q/s':>7} {'lr2 q/s':>7} {'lrh q/s':>7} {'bp s/step':>9} | "
+        f"peak MB: {'fwd':>6} {'spsa':>6} {'lr':>6} {'lr2':>6} {'lrh':>6} {'bp':>6} | "
+        f"{'lr/bp':>5} {'lr2/bp':>6} {'lrh/bp':>6} {'lr/fwd':>6} {'lr2/fwd':>7} {'lrh/fwd':>7} "
+        f"{'spsa/fwd':>8} {'spsa/fwd mem':>12}"
     ]
     mb = 1e-6
     for r in report["results"]:
@@ -299,10 +309,12 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{r.get('model', 'tiny'):<22} {r['trainable']:<11} {r['rows']:>4} {params:>6.2f}M "
             f"{s['forward']:>10.2f} {s['spsa']:>8.2f} {s['lr']:>7.2f} {s['lr2']:>7.2f} "
-            f"{r['rows'] / s['backprop']:>9.3f} | {'':>8} {m['forward'] * mb:>6.1f} "
-            f"{m['spsa_queries'] * mb:>6.1f} {m['lr_step'] * mb:>6.1f} {m['lr2_step'] * mb:>6.1f} "
+            f"{s['lrh']:>7.2f} {r['rows'] / s['backprop']:>9.3f} | {'':>8} "
+            f"{m['forward'] * mb:>6.1f} {m['spsa_queries'] * mb:>6.1f} {m['lr_step'] * mb:>6.1f} "
+            f"{m['lr2_step'] * mb:>6.1f} {m['lrh_step'] * mb:>6.1f} "
             f"{m['lr_backprop_step'] * mb:>6.1f} | {r['lr_step_vs_backprop_memory']:>5.2f} "
-            f"{r['lr2_step_vs_backprop_memory']:>6.2f} {f['lr']:>6.2f} {f['lr2']:>7.2f} "
+            f"{r['lr2_step_vs_backprop_memory']:>6.2f} {r['lrh_step_vs_backprop_memory']:>6.2f} "
+            f"{f['lr']:>6.2f} {f['lr2']:>7.2f} {f['lrh']:>7.2f} "
             f"{f['spsa']:>8.2f} {r['spsa_queries_vs_forward_memory']:>12.2f}"
         )
     return "\n".join(lines)
@@ -316,9 +328,9 @@ def _plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(max(11, 1.2 * len(results)), 4.5))
     for k, name in enumerate(METHODS[1:]):
         axes[0].bar(
-            at + (k - 1.5) * 0.2,
+            at + (k - 2) * 0.16,
             [r["fraction_of_forward"][name] for r in results],
-            0.2,
+            0.16,
             label=name,
         )
     for k, (key, value) in enumerate(
@@ -326,9 +338,10 @@ def _plot(report: dict, path: Path) -> None:
             ("spsa queries ÷ inference", lambda r: r["spsa_queries_vs_forward_memory"]),
             ("lr step ÷ backprop", lambda r: r["lr_step_vs_backprop_memory"]),
             ("lr2 step ÷ backprop", lambda r: r["lr2_step_vs_backprop_memory"]),
+            ("lrh step ÷ backprop", lambda r: r["lrh_step_vs_backprop_memory"]),
         )
     ):
-        axes[1].bar(at + (k - 1) * 0.27, [value(r) for r in results], 0.27, label=key)
+        axes[1].bar(at + (k - 1.5) * 0.2, [value(r) for r in results], 0.2, label=key)
     axes[0].axhline(1.0, color="k", lw=0.8)
     axes[0].set(ylabel="queries/s ÷ inference rows/s")
     axes[1].axhline(1.0, color="k", lw=0.8)

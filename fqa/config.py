@@ -103,6 +103,8 @@ class EstimatorConfig(_Section):
     antithetic: bool = True  # lr: queries in (+noise, -noise) pairs
     hook_conv: bool = False  # lr: also inject noise into trainable Conv2d outputs
     two_pass: bool = False  # lr: a second accumulating forward instead of storing inputs
+    # lr: recompute each MLP's hidden activation from its input instead of storing it
+    recompute_hidden: bool = False
     # lr: the per-sample score norm the allocators read, from this many random probes per
     # layer where a layer sees >= 2x as many tokens (unbiased, cheaper); 0: always exact
     score_probes: int = Field(16, ge=0)

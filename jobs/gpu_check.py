@@ -5,7 +5,7 @@
 2. the throughput benchmark's measurement (``python -m jobs.bench throughput``, the same
    code) at 64 rows on CUDA for timm ViT-S/16 and ViT-B/16 and open_clip ViT-B/32 (random
    init, fp32, full fine-tuning; ViT-B/16 also with its last block): spsa and lr
-   queries/s ÷ inference rows/s, spsa peak ÷ inference peak, lr (and two_pass) step
+   queries/s ÷ inference rows/s, spsa peak ÷ inference peak, lr (two_pass, recompute_hidden) step
    peak ÷ backprop step peak (``torch.cuda.synchronize`` around timings,
    ``max_memory_allocated`` after ``reset_peak_memory_stats``, above what was held
    before the call: weights and data);

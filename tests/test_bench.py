@@ -144,7 +144,9 @@ def test_throughput_quick(tmp_path, digits_dir, capsys):
         assert memory["spsa_queries"] <= 1.2 * memory["forward"]
         # two_pass keeps no layer input past its layer: below the single pass that keeps them
         assert memory["lr2_step"] < memory["lr_step"]
-        assert set(result["fraction_of_forward"]) == {"spsa", "lr", "lr2", "backprop"}
+        # recompute_hidden keeps each MLP's input, not its 4x-wide hidden activation
+        assert memory["lrh_step"] < memory["lr_step"]
+        assert set(result["fraction_of_forward"]) == {"spsa", "lr", "lr2", "lrh", "backprop"}
     big, small = report["results"][1]["peak_bytes"], report["results"][0]["peak_bytes"]
     assert big["forward"] > small["forward"]  # activations grow with the rows
     assert (out / "throughput.png").is_file()

@@ -378,14 +378,17 @@ def _stored_noise_gradient(task, estimator, shard):
     return product.grads, product.score_sq
 
 
-@pytest.mark.parametrize("two_pass", [False, True])
-def test_lr_regenerated_noise_gives_the_stored_noise_estimate(two_pass):
-    """Not storing ε (regenerated from the generator state, or a second accumulating
-    forward) must not change the estimate: float64, against the stored-ε product."""
+@pytest.mark.parametrize(
+    "memory", [{}, {"two_pass": True}, {"recompute_hidden": True}], ids=["single", "two", "hidden"]
+)
+def test_lr_regenerated_noise_gives_the_stored_noise_estimate(memory):
+    """Not storing ε (regenerated from the generator state, a second accumulating
+    forward, or the MLPs' hidden activations recomputed) must not change the estimate:
+    float64, against the stored-ε product."""
     from tests.conftest import make_vit_task
 
     task = make_vit_task("full")
-    estimator = create_estimator("lr", sigma=0.01, two_pass=two_pass)
+    estimator = create_estimator("lr", sigma=0.01, **memory)
     for frozen in unestimated_parameters(task.model, False):
         dict(task.model.named_parameters())[frozen].requires_grad_(False)
     shard = estimator.plan(IDS, np.ones(8, dtype=int), task.prepass(IDS)["loss"], 3, 64)[0]
@@ -396,6 +399,102 @@ def test_lr_regenerated_noise_gives_the_stored_noise_estimate(two_pass):
         torch.testing.assert_close(result.grads[key], grad, rtol=1e-12, atol=1e-15)
     stat = np.abs(result.values) * score_sq.sqrt().numpy() / estimator.sigma
     np.testing.assert_allclose(result.stat_values, stat, rtol=1e-12)
+
+
+def _lr_results(task, ids, seed=3, **settings):
+    """The same shard's lr result with each of ``settings`` (dicts of estimator kwargs)."""
+    results, baselines = [], task.prepass(ids)["loss"]
+    for kwargs in settings.values():
+        estimator = create_estimator("lr", sigma=0.05, **kwargs)
+        shard = estimator.plan(ids, np.ones(len(ids), dtype=int), baselines, seed, 64)[0]
+        torch.manual_seed(0)  # active dropout (below) draws the same masks in both
+        results.append(estimator.evaluate(task, shard))
+    return results
+
+
+def _assert_identical(a, b):
+    assert set(a.grads) == set(b.grads) and len(a.grads) > 2
+    for key in a.grads:
+        assert torch.equal(a.grads[key], b.grads[key]), key
+    np.testing.assert_array_equal(a.stat_values, b.stat_values)
+
+
+def test_lr_recompute_hidden_replays_the_mlp_bit_for_bit_under_bf16_autocast():
+    """The replay runs the MLP under the autocast its forward ran under: the same bf16
+    hidden activation, so the same estimate to the bit as keeping it (a replay in fp32
+    would differ in every product of the MLPs' second layers)."""
+    from fqa.estimators.lr import hidden_layers, hooked_modules
+    from tests.test_device import Bf16Task
+
+    task = Bf16Task("full")
+    for frozen in unestimated_parameters(task.model, False):
+        dict(task.model.named_parameters())[frozen].requires_grad_(False)
+    hidden = hidden_layers(task.model, hooked_modules(task.model, False))
+    assert [h.target for h in hidden] == [block.mlp.fc2 for block in task.model.blocks]
+    kept, replayed = _lr_results(task, IDS, kept={}, replayed={"recompute_hidden": True})
+    _assert_identical(kept, replayed)
+
+
+def test_lr_recompute_hidden_keeps_the_activation_where_dropout_would_redraw():
+    """An MLP in training mode with active dropout would draw a new mask in a replay:
+    its hidden activation is kept instead, so the estimate still equals the kept one."""
+    from tests.conftest import TensorTask
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(6, 24), torch.nn.Linear(24, 3)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Mlp()).double().train()
+    task = TensorTask(model, torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    kept, replayed = _lr_results(task, IDS, kept={}, replayed={"recompute_hidden": True})
+    _assert_identical(kept, replayed)
+    model.eval()  # no dropout: replayed, and still the same
+    kept, replayed = _lr_results(task, IDS, kept={}, replayed={"recompute_hidden": True})
+    _assert_identical(kept, replayed)
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_lr_recompute_hidden_replays_a_gated_mlp_with_its_other_layers_noise(
+    gate_first, monkeypatch
+):
+    """A gated MLP (gate and up both read the input, down the wider hidden activation):
+    the replay adds the up layer's noise from its saved generator state as well. When
+    the forward runs a layer before the one registered first, no replay is attempted
+    and the activation is kept. Either way, the same estimate to the bit."""
+    import fqa.estimators.lr as lr
+    from tests.conftest import TensorTask
+
+    class GatedMlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up = torch.nn.Linear(6, 16), torch.nn.Linear(6, 16)
+            self.down = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            up = self.up(x) if not gate_first else None
+            gate = torch.sigmoid(self.gate(x))
+            return self.down(gate * (self.up(x) if gate_first else up))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(GatedMlp()).double().eval()
+    task = TensorTask(model, torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    replays = []
+    replay = lr._replay_hidden
+    monkeypatch.setattr(lr, "_replay_hidden", lambda *a: replays.append(1) or replay(*a))
+    kept, replayed = _lr_results(task, IDS, kept={}, replayed={"recompute_hidden": True})
+    _assert_identical(kept, replayed)
+    assert len(replays) == (1 if gate_first else 0)
+
+
+def test_lr_refuses_two_pass_with_recompute_hidden():
+    with pytest.raises(ValueError, match="two_pass=true keeps no layer input.*set one of them"):
+        create_estimator("lr", two_pass=True, recompute_hidden=True)
 
 
 def test_lr_leaves_multihead_attention_out_proj_unhooked():

@@ -13,14 +13,17 @@ A plain Linear adds its noise inside its own matmul (xWᵀ accumulated into b ±
 other layers get a forward hook that adds it to the output.
 Memory: ε is never stored — each layer's generator state is, and ε is redrawn from it
 for the product — so a query keeps only the hooked layers' inputs until the loss is
-known; with ``two_pass`` not even those (a second forward replays the same queries and
-accumulates each layer as its hook fires). The per-sample statistic the allocators read,
+known; with ``recompute_hidden`` not an MLP's hidden activation (the 4×-wide input of
+its second layer: the MLP is replayed from its input when the product is formed); with
+``two_pass`` no input at all (a second forward replays the same queries and accumulates
+each layer as its hook fires). The per-sample statistic the allocators read,
 ‖Σ_t ε_t x_tᵀ‖² per layer, is exact or, where a layer sees many tokens, an unbiased
 estimate from ``score_probes`` random probes (docs/METHOD.md §2).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -97,11 +100,23 @@ class _NoiseInjector:
     ε itself is not kept: the gradient regenerates it from the saved generator state,
     so a query stores only what the product Σ_r c_r ε_r x_rᵀ cannot recompute."""
 
-    def __init__(self, modules, sigma: float, seed: int, pairs: int | None, consume):
+    def __init__(
+        self,
+        modules,
+        sigma: float,
+        seed: int,
+        pairs: int | None,
+        consume,
+        start: dict[int, torch.Tensor] | None = None,
+        given: dict[int, torch.Tensor] | None = None,
+    ):
         self.sigma = sigma
         self.seed = seed
         self.layer = {id(module): index for index, (_, module) in enumerate(modules)}
         self.generators: dict[int, torch.Generator] = {}
+        # a replay (_replay_hidden): each layer's generator state, or its noise itself
+        self.start = start or {}
+        self.given = given or {}
         self.pairs = pairs  # antithetic: rows = [+ε for pairs] + [−ε for pairs]
         self.consume = consume
         self.handles = []
@@ -120,9 +135,20 @@ class _NoiseInjector:
         generator = self.generators.get(id(module))
         if generator is None:
             generator = torch.Generator(device=device)
-            generator.manual_seed(layer_seed(self.seed, self.layer[id(module)]))
+            if id(module) in self.start:
+                generator.set_state(self.start[id(module)])
+            else:
+                generator.manual_seed(layer_seed(self.seed, self.layer[id(module)]))
             self.generators[id(module)] = generator
         return generator
+
+    def _noise(self, module: nn.Module, output: torch.Tensor):
+        """(ε, the generator state it was drawn from) for this call of ``module``."""
+        if id(module) in self.given:
+            return self.given.pop(id(module)), None
+        generator = self._generator(module, output.device)
+        state = generator.get_state()
+        return _draw_noise(generator, output, self.pairs), state
 
     def _noisy_linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """y = xWᵀ + (b ± σε) as one matmul accumulating into the noisy bias: the hook's
@@ -140,9 +166,7 @@ class _NoiseInjector:
         output = torch.empty(
             (*x.shape[:-1], module.out_features), dtype=x.dtype, device=x.device
         )
-        generator = self._generator(module, x.device)
-        state = generator.get_state()
-        noise = _draw_noise(generator, output, self.pairs)
+        noise, state = self._noise(module, output)
         shift = bias if bias is not None else torch.zeros((), dtype=x.dtype, device=x.device)
         if self.pairs is not None:
             torch.add(shift, noise, alpha=self.sigma, out=output[: self.pairs])
@@ -155,9 +179,7 @@ class _NoiseInjector:
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         in_place = not (torch.is_grad_enabled() and output.requires_grad)
-        generator = self._generator(module, output.device)
-        state = generator.get_state()
-        noise = _draw_noise(generator, output, self.pairs)
+        noise, state = self._noise(module, output)
         if self.pairs is not None:
             # only the + half is drawn: rows [:pairs] get +σε, rows [pairs:] get −σε
             if in_place:
@@ -189,17 +211,164 @@ def _draw_noise(generator: torch.Generator, output: torch.Tensor, pairs: int | N
     return torch.randn(shape, generator=generator, device=output.device, dtype=dtype)
 
 
-class _SavedInputs:
-    """Pass-1 consumer of the single-pass mode: each layer's input and generator state."""
+@dataclasses.dataclass(frozen=True)
+class _Hidden:
+    """An MLP whose hidden activation (``target``'s input) is recomputed, not stored:
+    ``parent(x)`` replayed from its input, which ``first`` reads and keeps anyway, and
+    stopped where ``target`` would start. ``others``: its other hooked layers, whose
+    noise a replay must add too if they run before ``target``."""
 
-    def __init__(self) -> None:
-        self.saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Size]] = []
+    parent: nn.Module
+    first: nn.Linear
+    target: nn.Linear
+    others: tuple[nn.Module, ...]
+
+
+def hidden_layers(model: nn.Module, modules) -> list[_Hidden]:
+    """The MLPs among the hooked layers' parents: a module whose first hooked layer is a
+    Linear followed by a Linear that reads a wider tensor (fc1 → act → fc2: fc2 reads
+    the 4×-wide hidden activation, the largest input a transformer block keeps). Nested
+    candidates (a layer claimed by two) are left alone."""
+    named = dict(model.named_modules())
+    children: dict[str, list[nn.Module]] = {}
+    for name, module in modules:
+        children.setdefault(name.rpartition(".")[0], []).append(module)
+    found = []
+    for parent_name, (first, *rest) in children.items():
+        wider = [m for m in rest if isinstance(m, nn.Linear)]
+        wider = [m for m in wider if isinstance(first, nn.Linear) and m.in_features > first.in_features]
+        if not wider:
+            continue
+        prefix = f"{parent_name}." if parent_name else ""
+        others = tuple(
+            m for n, m in modules if n.startswith(prefix) and m is not first and m is not wider[0]
+        )
+        found.append(_Hidden(named[parent_name], first, wider[0], others))
+    claims: dict[int, int] = {}
+    for h in found:
+        for m in (h.first, h.target, *h.others):
+            claims[id(m)] = claims.get(id(m), 0) + 1
+    return [h for h in found if all(claims[id(m)] == 1 for m in (h.first, h.target, *h.others))]
+
+
+@dataclasses.dataclass
+class _Saved:
+    """One hooked layer call of pass 1: its input (None until replayed, for a hidden
+    activation), its generator state, its noise's shape and, for an MLP's first layer,
+    the replay that recomputes the hidden activation."""
+
+    module: nn.Module
+    x: torch.Tensor | None
+    state: torch.Tensor | None
+    shape: torch.Size
+    replay: _Replay | None = None
+
+
+@dataclasses.dataclass
+class _Replay:
+    hidden: _Hidden
+    autocast: tuple[bool, torch.dtype]
+    # the MLP's layers that ran between its first layer and the target, with the state
+    # of their generators (the first layer's noise is handed over as redrawn)
+    ran: dict[int, tuple[nn.Module, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    target: int = -1  # the index of the target's entry
+
+
+_NO_REPLAY = object()  # an MLP call whose layers did not start with its first
+
+
+class _SavedInputs:
+    """Pass-1 consumer of the single-pass mode: each layer's input and generator state.
+
+    With ``hidden`` MLPs, their hidden activation is not kept: the MLP's input (its first
+    layer's input, kept anyway) and the generator states replay it when its product is
+    formed, at the cost of the first layer's matmul again (``recompute_hidden``)."""
+
+    def __init__(self, hidden: list[_Hidden] = ()) -> None:
+        self.saved: list[_Saved] = []
+        self.role = {id(m): h for h in hidden for m in (h.first, h.target, *h.others)}
+        self.inputs: dict[int, torch.Tensor] = {}  # an MLP's input, during its call
+        self.calls: dict[int, object] = {}  # its _Replay, once its first layer ran
+        self.handles = []
+        for h in hidden:
+            self.handles.append(h.parent.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self.handles.append(h.parent.register_forward_hook(self._leave))
+
+    def _enter(self, parent: nn.Module, args, kwargs) -> None:
+        x = args[0] if len(args) == 1 and not kwargs else None
+        stochastic = parent.training and any(
+            isinstance(m, nn.Dropout) and m.p > 0 for m in parent.modules()
+        )  # active dropout would draw another mask in the replay: keep the input then
+        if isinstance(x, torch.Tensor) and not stochastic:
+            self.inputs[id(parent)] = x
+        self.calls.pop(id(parent), None)
+
+    def _leave(self, parent: nn.Module, args, output) -> None:
+        self.inputs.pop(id(parent), None)
+        self.calls.pop(id(parent), None)
 
     def __call__(self, module, x, noise, state) -> None:
-        self.saved.append((module, x, state, noise.shape))
+        entry = _Saved(module, x, state, noise.shape)
+        hidden = self.role.get(id(module))
+        key = id(hidden.parent) if hidden is not None else None
+        if key in self.inputs:
+            replay = self.calls.get(key)
+            if replay is None:  # the MLP's first hooked layer to run: its first, on its input?
+                if module is hidden.first and x is self.inputs[key]:
+                    device = x.device.type
+                    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+                    entry.replay = self.calls[key] = _Replay(hidden, autocast)
+                else:
+                    self.calls[key] = _NO_REPLAY
+            elif replay is not _NO_REPLAY and replay.target < 0:
+                if module is hidden.target:
+                    replay.target, entry.x = len(self.saved), None
+                else:
+                    replay.ran.setdefault(id(module), (module, state))
+        self.saved.append(entry)
 
     def fired(self) -> set[int]:
-        return {id(entry[0]) for entry in self.saved}
+        return {id(entry.module) for entry in self.saved}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _Captured(Exception):
+    """Raised where a replay has what it came for, before the layer's own matmul."""
+
+
+def _replay_hidden(replay: _Replay, x, noise, sigma: float, seed: int, pairs) -> torch.Tensor:
+    """The MLP's hidden activation exactly as pass 1 computed it: the MLP's forward on
+    its saved input with the same noise (the first layer's as just regenerated, the
+    others' from their states), stopped at the target's input."""
+    hidden, captured = replay.hidden, []
+
+    def capture(module, inputs):
+        captured.append(inputs[0])
+        raise _Captured
+
+    layers = [(None, hidden.first)] + [(None, m) for m, _ in replay.ran.values()]
+    start = {key: state for key, (_, state) in replay.ran.items()}
+    given = {id(hidden.first): noise}
+    injector = _NoiseInjector(layers, sigma, seed, pairs, lambda *_: None, start, given)
+    handle = hidden.target.register_forward_pre_hook(capture)
+    enabled, dtype = replay.autocast
+    try:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            hidden.parent(x)
+    except _Captured:
+        pass
+    finally:
+        injector.remove()
+        handle.remove()
+    if not captured:
+        raise RuntimeError(
+            f"lr recompute_hidden: replaying {type(hidden.parent).__name__} did not reach "
+            "its layer again; set estimator.recompute_hidden: false for this model"
+        )
+    return captured[0]
 
 
 class _FiredLayers:
@@ -213,6 +382,9 @@ class _FiredLayers:
 
     def fired(self) -> set[int]:
         return self.ids
+
+    def remove(self) -> None:
+        pass
 
 
 def _check_every_hook_fired(modules, fired: set[int]) -> None:
@@ -448,6 +620,7 @@ class LikelihoodRatioEstimator(Estimator):
         antithetic: bool = True,
         hook_conv: bool = False,
         two_pass: bool = False,
+        recompute_hidden: bool = False,
         score_probes: int = 16,
         weighting: str = "unbiased",
         **_ignored,
@@ -460,6 +633,15 @@ class LikelihoodRatioEstimator(Estimator):
         # two_pass: a second, accumulating forward instead of keeping every layer's input
         # until the loss is known (about 2x the compute, inference-level memory)
         self.two_pass = two_pass
+        # recompute_hidden: an MLP's hidden activation (4x a block's width) recomputed from
+        # the MLP's input when its product is formed instead of kept: about half the
+        # memory for one more matmul of each MLP's first layer
+        if two_pass and recompute_hidden:
+            raise ValueError(
+                "estimator.two_pass=true keeps no layer input, so recompute_hidden=true has "
+                "nothing to recompute; set one of them"
+            )
+        self.recompute_hidden = recompute_hidden
         if not (isinstance(score_probes, int) and score_probes >= 0):
             raise ValueError(
                 f"estimator.score_probes={score_probes!r} must be an integer >= 0 "
@@ -519,12 +701,17 @@ class LikelihoodRatioEstimator(Estimator):
         samples = len(shard)
         row_ids = np.concatenate([shard.ids, shard.ids]) if self.antithetic else shard.ids
         pairs = samples if self.antithetic else None
-        first = _FiredLayers() if self.two_pass else _SavedInputs()
+        if self.two_pass:
+            first = _FiredLayers()
+        else:
+            hidden = hidden_layers(task.model, modules) if self.recompute_hidden else []
+            first = _SavedInputs(hidden)
         injector = _NoiseInjector(modules, self.sigma, shard.seed, pairs, first)
         try:
             losses = task.losses(row_ids).double()
         finally:
             injector.remove()
+            first.remove()
         _check_every_hook_fired(modules, first.fired())
         baselines = torch.as_tensor(
             np.tile(shard.baselines, len(row_ids) // samples), device=losses.device
@@ -549,16 +736,19 @@ class LikelihoodRatioEstimator(Estimator):
             finally:
                 injector.remove()
         else:
-            saved = first.saved[::-1]
-            first.saved.clear()
-            while saved:  # forward order; each layer's x is freed once it is accumulated
-                module, x, state, shape = saved.pop()
-                generator = torch.Generator(device=x.device)
-                generator.set_state(state)
-                dtype = _noise_dtype(x.dtype)
-                noise = torch.randn(shape, generator=generator, device=x.device, dtype=dtype)
-                product.add(module, x, noise, state)
-                del x, noise
+            saved, first.saved = first.saved, []
+            for index in range(len(saved)):  # forward order; each x freed once accumulated
+                entry, saved[index] = saved[index], None
+                generator = torch.Generator(device=entry.x.device)
+                generator.set_state(entry.state)
+                dtype = _noise_dtype(entry.x.dtype)
+                noise = torch.randn(entry.shape, generator=generator, device=entry.x.device, dtype=dtype)
+                if entry.replay is not None and entry.replay.target >= 0:  # an MLP's hidden
+                    saved[entry.replay.target].x = _replay_hidden(
+                        entry.replay, entry.x, noise, self.sigma, shard.seed, pairs
+                    )
+                product.add(entry.module, entry.x, noise, entry.state)
+                del entry, noise
         grads, score_sq = product.grads, product.score_sq
 
         if self.antithetic:
