@@ -41,6 +41,7 @@ from benchmarks.common import add_common_arguments, save_figure, write_report
 from fqa.config import load_config
 from fqa.data import ImageDataset
 from fqa.device import resolve
+from fqa.host_memory import release_freed_memory
 from fqa.plots import plt
 from fqa.progress import progress
 from fqa.setup import build_estimator, build_task, load_data, prepare_host
@@ -79,6 +80,7 @@ def peak_bytes(fn, device: torch.device | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
 
+    release_freed_memory()  # the profiler's records and the last workload's holes
     with profile(
         activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
     ) as prof:
@@ -90,6 +92,8 @@ def peak_bytes(fn, device: torch.device | None = None) -> int:
         elif action == Action.DESTROY:
             live -= size
         peak = max(peak, live)
+    del prof
+    release_freed_memory()
     return peak
 
 
