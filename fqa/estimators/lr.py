@@ -235,8 +235,9 @@ def hidden_layers(model: nn.Module, modules) -> list[_Hidden]:
         children.setdefault(name.rpartition(".")[0], []).append(module)
     found = []
     for parent_name, (first, *rest) in children.items():
-        wider = [m for m in rest if isinstance(m, nn.Linear)]
-        wider = [m for m in wider if isinstance(first, nn.Linear) and m.in_features > first.in_features]
+        if not isinstance(first, nn.Linear):
+            continue
+        wider = [m for m in rest if isinstance(m, nn.Linear) and m.in_features > first.in_features]
         if not wider:
             continue
         prefix = f"{parent_name}." if parent_name else ""
