@@ -105,6 +105,9 @@ class EstimatorConfig(_Section):
     two_pass: bool = False  # lr: a second accumulating forward instead of storing inputs
     # lr: recompute each MLP's hidden activation from its input instead of storing it
     recompute_hidden: bool = False
+    # lr: where ε comes from: auto (a counter-based C kernel on the CPU, torch.randn on
+    # GPUs), torch (torch.randn everywhere: the values of releases before the kernel)
+    noise_source: Literal["auto", "torch"] = "auto"
     # lr: the per-sample score norm the allocators read, from this many random probes per
     # layer where a layer sees >= 2x as many tokens (unbiased, cheaper); 0: always exact
     score_probes: int = Field(16, ge=0)

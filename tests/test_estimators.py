@@ -364,6 +364,7 @@ def _stored_noise_gradient(task, estimator, shard):
         shard.seed,
         samples,
         lambda module, x, noise, state: stored.append((module, x, noise.clone())),
+        source=estimator.noise_source,
     )
     try:
         losses = task.losses(np.concatenate([shard.ids, shard.ids])).double()
@@ -378,17 +379,18 @@ def _stored_noise_gradient(task, estimator, shard):
     return product.grads, product.score_sq
 
 
+@pytest.mark.parametrize("source", ["auto", "torch"])
 @pytest.mark.parametrize(
     "memory", [{}, {"two_pass": True}, {"recompute_hidden": True}], ids=["single", "two", "hidden"]
 )
-def test_lr_regenerated_noise_gives_the_stored_noise_estimate(memory):
-    """Not storing ε (regenerated from the generator state, a second accumulating
-    forward, or the MLPs' hidden activations recomputed) must not change the estimate:
-    float64, against the stored-ε product."""
+def test_lr_regenerated_noise_gives_the_stored_noise_estimate(memory, source):
+    """Not storing ε (regenerated from its stream mark, a second accumulating forward,
+    or the MLPs' hidden activations recomputed) must not change the estimate: float64,
+    against the stored-ε product, with either noise source."""
     from tests.conftest import make_vit_task
 
     task = make_vit_task("full")
-    estimator = create_estimator("lr", sigma=0.01, **memory)
+    estimator = create_estimator("lr", sigma=0.01, noise_source=source, **memory)
     for frozen in unestimated_parameters(task.model, False):
         dict(task.model.named_parameters())[frozen].requires_grad_(False)
     shard = estimator.plan(IDS, np.ones(8, dtype=int), task.prepass(IDS)["loss"], 3, 64)[0]

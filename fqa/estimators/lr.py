@@ -11,7 +11,7 @@ default, in which case the baseline cancels and the pair is a central difference
 The gradient is accumulated as one matrix product per layer over the shard's rows.
 A plain Linear adds its noise inside its own matmul (xWᵀ accumulated into b ± σε);
 other layers get a forward hook that adds it to the output.
-Memory: ε is never stored — each layer's generator state is, and ε is redrawn from it
+Memory: ε is never stored — each layer's noise-stream mark is, and ε is redrawn from it
 for the product — so a query keeps only the hooked layers' inputs until the loss is
 known; with ``recompute_hidden`` not an MLP's hidden activation (the 4×-wide input of
 its second layer: the MLP is replayed from its input when the product is formed); with
@@ -43,6 +43,7 @@ from fqa.estimators.base import (
     chunks,
 )
 from fqa.exact_sum import exact_sum, layout_of
+from fqa.gaussian_noise import GaussianStream, check_noise_source
 from fqa.noise import parameter_key, signed
 from fqa.seeding import derive_seed
 from fqa.tasks.base import Task
@@ -94,10 +95,10 @@ def unestimated_parameters(model: nn.Module, include_conv: bool) -> list[str]:
 
 class _NoiseInjector:
     """Adds σε to each hooked layer's output (inside a plain Linear's matmul, else by a
-    forward hook) and hands each layer's (module, input x, noise ε, generator state
+    forward hook) and hands each layer's (module, input x, noise ε, stream mark
     before ε) to ``consume``. ``remove()`` restores the layers.
 
-    ε itself is not kept: the gradient regenerates it from the saved generator state,
+    ε itself is not kept: the gradient regenerates it from the saved stream mark,
     so a query stores only what the product Σ_r c_r ε_r x_rᵀ cannot recompute."""
 
     def __init__(
@@ -107,14 +108,16 @@ class _NoiseInjector:
         seed: int,
         pairs: int | None,
         consume,
-        start: dict[int, torch.Tensor] | None = None,
+        start: dict | None = None,
         given: dict[int, torch.Tensor] | None = None,
+        source: str = "auto",
     ):
         self.sigma = sigma
         self.seed = seed
+        self.source = source
         self.layer = {id(module): index for index, (_, module) in enumerate(modules)}
-        self.generators: dict[int, torch.Generator] = {}
-        # a replay (_replay_hidden): each layer's generator state, or its noise itself
+        self.streams: dict[int, GaussianStream] = {}
+        # a replay (_replay_hidden): each layer's stream mark, or its noise itself
         self.start = start or {}
         self.given = given or {}
         self.pairs = pairs  # antithetic: rows = [+ε for pairs] + [−ε for pairs]
@@ -129,26 +132,26 @@ class _NoiseInjector:
             else:
                 self.handles.append(module.register_forward_hook(self._hook))
 
-    def _generator(self, module: nn.Module, device: torch.device) -> torch.Generator:
-        """Each layer its own generator, seeded from (shard seed, layer), on this device:
+    def _stream(self, module: nn.Module, device: torch.device) -> GaussianStream:
+        """Each layer its own noise stream, seeded from (shard seed, layer), on this device:
         reproducible per device type; never needs replaying elsewhere (docs/METHOD.md §7)."""
-        generator = self.generators.get(id(module))
-        if generator is None:
-            generator = torch.Generator(device=device)
+        stream = self.streams.get(id(module))
+        if stream is None:
             if id(module) in self.start:
-                generator.set_state(self.start[id(module)])
+                stream = GaussianStream.resume(self.start[id(module)], device)
             else:
-                generator.manual_seed(layer_seed(self.seed, self.layer[id(module)]))
-            self.generators[id(module)] = generator
-        return generator
+                seed = layer_seed(self.seed, self.layer[id(module)])
+                stream = GaussianStream(seed, device, self.source)
+            self.streams[id(module)] = stream
+        return stream
 
     def _noise(self, module: nn.Module, output: torch.Tensor):
-        """(ε, the generator state it was drawn from) for this call of ``module``."""
+        """(ε, the stream mark it was drawn from) for this call of ``module``."""
         if id(module) in self.given:
             return self.given.pop(id(module)), None
-        generator = self._generator(module, output.device)
-        state = generator.get_state()
-        return _draw_noise(generator, output, self.pairs), state
+        stream = self._stream(module, output.device)
+        state = stream.mark()
+        return _draw_noise(stream, output, self.pairs), state
 
     def _noisy_linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """y = xWᵀ + (b ± σε) as one matmul accumulating into the noisy bias: the hook's
@@ -203,12 +206,11 @@ class _NoiseInjector:
             del module.forward  # the class's forward again
 
 
-def _draw_noise(generator: torch.Generator, output: torch.Tensor, pairs: int | None):
-    """ε for one layer's output (its + half when antithetic); the same generator state
-    and output shape always give the same ε, which is how it is regenerated."""
+def _draw_noise(stream: GaussianStream, output: torch.Tensor, pairs: int | None):
+    """ε for one layer's output (its + half when antithetic); the same stream mark and
+    output shape always give the same ε, which is how it is regenerated."""
     shape = (pairs, *output.shape[1:]) if pairs is not None else output.shape
-    dtype = _noise_dtype(output.dtype)  # fp32 noise under bf16 autocast
-    return torch.randn(shape, generator=generator, device=output.device, dtype=dtype)
+    return stream.draw(shape, _noise_dtype(output.dtype))  # fp32 noise under bf16 autocast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,12 +257,12 @@ def hidden_layers(model: nn.Module, modules) -> list[_Hidden]:
 @dataclasses.dataclass
 class _Saved:
     """One hooked layer call of pass 1: its input (None until replayed, for a hidden
-    activation), its generator state, its noise's shape and, for an MLP's first layer,
+    activation), its stream mark, its noise's shape and, for an MLP's first layer,
     the replay that recomputes the hidden activation."""
 
     module: nn.Module
     x: torch.Tensor | None
-    state: torch.Tensor | None
+    state: object  # the stream mark ε was drawn from (fqa.gaussian_noise)
     shape: torch.Size
     replay: _Replay | None = None
 
@@ -270,8 +272,8 @@ class _Replay:
     hidden: _Hidden
     autocast: tuple[bool, torch.dtype]
     # the MLP's layers that ran between its first layer and the target, with the state
-    # of their generators (the first layer's noise is handed over as redrawn)
-    ran: dict[int, tuple[nn.Module, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    # of their streams (the first layer's noise is handed over as redrawn)
+    ran: dict[int, tuple[nn.Module, object]] = dataclasses.field(default_factory=dict)
     target: int = -1  # the index of the target's entry
 
 
@@ -279,10 +281,10 @@ _NO_REPLAY = object()  # an MLP call whose layers did not start with its first
 
 
 class _SavedInputs:
-    """Pass-1 consumer of the single-pass mode: each layer's input and generator state.
+    """Pass-1 consumer of the single-pass mode: each layer's input and stream mark.
 
     With ``hidden`` MLPs, their hidden activation is not kept: the MLP's input (its first
-    layer's input, kept anyway) and the generator states replay it when its product is
+    layer's input, kept anyway) and the stream marks replay it when its product is
     formed, at the cost of the first layer's matmul again (``recompute_hidden``)."""
 
     def __init__(self, hidden: list[_Hidden] = ()) -> None:
@@ -340,7 +342,9 @@ class _Captured(Exception):
     """Raised where a replay has what it came for, before the layer's own matmul."""
 
 
-def _replay_hidden(replay: _Replay, x, noise, sigma: float, seed: int, pairs) -> torch.Tensor:
+def _replay_hidden(
+    replay: _Replay, x, noise, sigma: float, seed: int, pairs, source: str
+) -> torch.Tensor:
     """The MLP's hidden activation exactly as pass 1 computed it: the MLP's forward on
     its saved input with the same noise (the first layer's as just regenerated, the
     others' from their states), stopped at the target's input."""
@@ -353,7 +357,7 @@ def _replay_hidden(replay: _Replay, x, noise, sigma: float, seed: int, pairs) ->
     layers = [(None, hidden.first)] + [(None, m) for m, _ in replay.ran.values()]
     start = {key: state for key, (_, state) in replay.ran.items()}
     given = {id(hidden.first): noise}
-    injector = _NoiseInjector(layers, sigma, seed, pairs, lambda *_: None, start, given)
+    injector = _NoiseInjector(layers, sigma, seed, pairs, lambda *_: None, start, given, source)
     handle = hidden.target.register_forward_pre_hook(capture)
     enabled, dtype = replay.autocast
     try:
@@ -624,6 +628,7 @@ class LikelihoodRatioEstimator(Estimator):
         recompute_hidden: bool = False,
         score_probes: int = 16,
         weighting: str = "unbiased",
+        noise_source: str = "auto",
         **_ignored,
     ):
         if not sigma > 0:
@@ -653,6 +658,8 @@ class LikelihoodRatioEstimator(Estimator):
         self.score_probes = score_probes
         self.queries_per_sample = 2 if antithetic else 1
         self.weighting = check_weighting(weighting)
+        # auto: the counter kernel on the CPU (fqa.gaussian_noise); torch: torch.randn
+        self.noise_source = check_noise_source(noise_source)
 
     def prepare(self, task: Task) -> None:
         """LR estimates only the weights of the layers it injects noise into; the rest
@@ -707,7 +714,8 @@ class LikelihoodRatioEstimator(Estimator):
         else:
             hidden = hidden_layers(task.model, modules) if self.recompute_hidden else []
             first = _SavedInputs(hidden)
-        injector = _NoiseInjector(modules, self.sigma, shard.seed, pairs, first)
+        source = self.noise_source
+        injector = _NoiseInjector(modules, self.sigma, shard.seed, pairs, first, source=source)
         try:
             losses = task.losses(row_ids).double()
         finally:
@@ -731,7 +739,9 @@ class LikelihoodRatioEstimator(Estimator):
         if self.two_pass:
             # replay the same queries (same seed, so the same ε and the same x) and
             # accumulate each layer as its hook fires: nothing is stored across layers
-            injector = _NoiseInjector(modules, self.sigma, shard.seed, pairs, product.add)
+            injector = _NoiseInjector(
+                modules, self.sigma, shard.seed, pairs, product.add, source=source
+            )
             try:
                 task.losses(row_ids)
             finally:
@@ -740,13 +750,11 @@ class LikelihoodRatioEstimator(Estimator):
             saved, first.saved = first.saved, []
             for index in range(len(saved)):  # forward order; each x freed once accumulated
                 entry, saved[index] = saved[index], None
-                generator = torch.Generator(device=entry.x.device)
-                generator.set_state(entry.state)
-                dtype = _noise_dtype(entry.x.dtype)
-                noise = torch.randn(entry.shape, generator=generator, device=entry.x.device, dtype=dtype)
+                stream = GaussianStream.resume(entry.state, entry.x.device)
+                noise = stream.draw(entry.shape, _noise_dtype(entry.x.dtype))
                 if entry.replay is not None and entry.replay.target >= 0:  # an MLP's hidden
                     saved[entry.replay.target].x = _replay_hidden(
-                        entry.replay, entry.x, noise, self.sigma, shard.seed, pairs
+                        entry.replay, entry.x, noise, self.sigma, shard.seed, pairs, source
                     )
                 product.add(entry.module, entry.x, noise, entry.state)
                 del entry, noise
