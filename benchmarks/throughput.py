@@ -20,10 +20,11 @@ trainable mode and each sub-batch of rows (``--device cuda`` on a GPU):
   ``write_grad``, which allocates the ``.grad`` buffers), and a backpropagation step
   (forward + backward into fresh ``.grad``) of the same trainable parameters
   (on CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``).
-* ``lr2`` is ``lr`` with ``two_pass`` (a second, accumulating forward instead of keeping
-  every layer's input until the loss is known); ``lrh`` is ``lr`` with
-  ``recompute_hidden`` (each MLP's hidden activation recomputed from the MLP's input
-  instead of kept); ``backprop`` is also timed.
+* ``lr`` keeps every hooked layer's input until the loss is known
+  (``recompute_hidden: false``); ``lrh`` is the default, ``recompute_hidden`` (each
+  MLP's hidden activation recomputed from the MLP's input instead of kept); ``lr2`` is
+  ``two_pass`` (a second, accumulating forward, nothing kept); ``backprop`` is also
+  timed.
 """
 
 from __future__ import annotations
@@ -50,11 +51,11 @@ from fqa.tasks.models import TINY_VIT, create_timm_model
 from fqa.tasks.trainable import select_trainable
 
 METHODS = ("forward", "spsa", "lr", "lr2", "lrh", "backprop")
-# lr2: the lr estimator with two_pass (a second accumulating forward, nothing stored);
-# lrh: with recompute_hidden (MLP hidden activations recomputed, not stored)
+# lr: every layer input kept; lrh: the default, recompute_hidden (MLP hidden activations
+# recomputed, not stored); lr2: two_pass (a second accumulating forward, nothing stored)
 ESTIMATORS = {
     "spsa": {"estimator.name": "spsa"},
-    "lr": {"estimator.name": "lr"},
+    "lr": {"estimator.name": "lr", "estimator.recompute_hidden": False},
     "lr2": {"estimator.name": "lr", "estimator.two_pass": True},
     "lrh": {"estimator.name": "lr", "estimator.recompute_hidden": True},
 }

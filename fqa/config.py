@@ -104,7 +104,8 @@ class EstimatorConfig(_Section):
     hook_conv: bool = False  # lr: also inject noise into trainable Conv2d outputs
     two_pass: bool = False  # lr: a second accumulating forward instead of storing inputs
     # lr: recompute each MLP's hidden activation from its input instead of storing it
-    recompute_hidden: bool = False
+    # (about half the memory for one more matmul per MLP; no effect with two_pass)
+    recompute_hidden: bool = True
     # lr: where ε comes from: auto (a counter-based C kernel on the CPU, torch.randn on
     # GPUs), torch (torch.randn everywhere: the values of releases before the kernel)
     noise_source: Literal["auto", "torch"] = "auto"

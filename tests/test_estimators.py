@@ -381,7 +381,9 @@ def _stored_noise_gradient(task, estimator, shard):
 
 @pytest.mark.parametrize("source", ["auto", "torch"])
 @pytest.mark.parametrize(
-    "memory", [{}, {"two_pass": True}, {"recompute_hidden": True}], ids=["single", "two", "hidden"]
+    "memory",
+    [{"recompute_hidden": False}, {"two_pass": True}, {}],
+    ids=["single", "two", "hidden"],
 )
 def test_lr_regenerated_noise_gives_the_stored_noise_estimate(memory, source):
     """Not storing ε (regenerated from its stream mark, a second accumulating forward,
@@ -433,7 +435,7 @@ def test_lr_recompute_hidden_replays_the_mlp_bit_for_bit_under_bf16_autocast():
         dict(task.model.named_parameters())[frozen].requires_grad_(False)
     hidden = hidden_layers(task.model, hooked_modules(task.model, False))
     assert [h.target for h in hidden] == [block.mlp.fc2 for block in task.model.blocks]
-    kept, replayed = _lr_results(task, IDS, kept={}, replayed={"recompute_hidden": True})
+    kept, replayed = _lr_results(task, IDS, kept={"recompute_hidden": False}, replayed={})
     _assert_identical(kept, replayed)
 
 
@@ -454,10 +456,10 @@ def test_lr_recompute_hidden_keeps_the_activation_where_dropout_would_redraw():
     torch.manual_seed(0)
     model = torch.nn.Sequential(Mlp()).double().train()
     task = TensorTask(model, torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
-    kept, replayed = _lr_results(task, IDS, kept={}, replayed={"recompute_hidden": True})
+    kept, replayed = _lr_results(task, IDS, kept={"recompute_hidden": False}, replayed={})
     _assert_identical(kept, replayed)
     model.eval()  # no dropout: replayed, and still the same
-    kept, replayed = _lr_results(task, IDS, kept={}, replayed={"recompute_hidden": True})
+    kept, replayed = _lr_results(task, IDS, kept={"recompute_hidden": False}, replayed={})
     _assert_identical(kept, replayed)
 
 
@@ -489,14 +491,43 @@ def test_lr_recompute_hidden_replays_a_gated_mlp_with_its_other_layers_noise(
     replays = []
     replay = lr._replay_hidden
     monkeypatch.setattr(lr, "_replay_hidden", lambda *a: replays.append(1) or replay(*a))
-    kept, replayed = _lr_results(task, IDS, kept={}, replayed={"recompute_hidden": True})
+    kept, replayed = _lr_results(task, IDS, kept={"recompute_hidden": False}, replayed={})
     _assert_identical(kept, replayed)
     assert len(replays) == (1 if gate_first else 0)
 
 
-def test_lr_refuses_two_pass_with_recompute_hidden():
-    with pytest.raises(ValueError, match="two_pass=true keeps no layer input.*set one of them"):
-        create_estimator("lr", two_pass=True, recompute_hidden=True)
+def test_lr_recompute_hidden_is_the_default_and_two_pass_overrides_it():
+    assert create_estimator("lr").recompute_hidden
+    assert not create_estimator("lr", two_pass=True).recompute_hidden  # nothing kept to spare
+
+
+def test_lr_recompute_hidden_keeps_the_activation_where_batch_norm_would_update_again():
+    """Batch norm in training mode updates its running statistics on every call: a replay
+    would count the batch twice. The activation is kept instead, so the statistics move
+    exactly as without recompute_hidden, and the estimate is the same."""
+    import copy
+
+    from tests.conftest import TensorTask
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(6, 24), torch.nn.Linear(24, 3)
+            self.norm = torch.nn.BatchNorm1d(24)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Mlp()).double().train()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    results, means = [], []
+    for settings in ({"recompute_hidden": False}, {}):
+        task = TensorTask(copy.deepcopy(model), x, y)
+        results += _lr_results(task, IDS, only=settings)
+        means.append(task.model[0].norm.running_mean.clone())
+    _assert_identical(*results)
+    assert torch.equal(means[0], means[1])
 
 
 def test_lr_leaves_multihead_attention_out_proj_unhooked():

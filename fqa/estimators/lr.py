@@ -299,10 +299,7 @@ class _SavedInputs:
 
     def _enter(self, parent: nn.Module, args, kwargs) -> None:
         x = args[0] if len(args) == 1 and not kwargs else None
-        stochastic = parent.training and any(
-            isinstance(m, nn.Dropout) and m.p > 0 for m in parent.modules()
-        )  # active dropout would draw another mask in the replay: keep the input then
-        if isinstance(x, torch.Tensor) and not stochastic:
+        if isinstance(x, torch.Tensor) and not _replay_changes_anything(parent):
             self.inputs[id(parent)] = x
         self.calls.pop(id(parent), None)
 
@@ -336,6 +333,17 @@ class _SavedInputs:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _replay_changes_anything(parent: nn.Module) -> bool:
+    """Whether a replay of ``parent`` would differ or leave a trace: in training mode,
+    active dropout draws another mask and batch norm updates its running statistics
+    again. Such an MLP keeps its hidden activation instead."""
+    return parent.training and any(
+        (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+        or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)
+        for m in parent.modules()
+    )
 
 
 class _Captured(Exception):
@@ -625,7 +633,7 @@ class LikelihoodRatioEstimator(Estimator):
         antithetic: bool = True,
         hook_conv: bool = False,
         two_pass: bool = False,
-        recompute_hidden: bool = False,
+        recompute_hidden: bool = True,
         score_probes: int = 16,
         weighting: str = "unbiased",
         noise_source: str = "auto",
@@ -641,13 +649,9 @@ class LikelihoodRatioEstimator(Estimator):
         self.two_pass = two_pass
         # recompute_hidden: an MLP's hidden activation (4x a block's width) recomputed from
         # the MLP's input when its product is formed instead of kept: about half the
-        # memory for one more matmul of each MLP's first layer
-        if two_pass and recompute_hidden:
-            raise ValueError(
-                "estimator.two_pass=true keeps no layer input, so recompute_hidden=true has "
-                "nothing to recompute; set one of them"
-            )
-        self.recompute_hidden = recompute_hidden
+        # memory for one more matmul of each MLP's first layer (two_pass keeps nothing,
+        # so there it changes nothing)
+        self.recompute_hidden = recompute_hidden and not two_pass
         if not (isinstance(score_probes, int) and score_probes >= 0):
             raise ValueError(
                 f"estimator.score_probes={score_probes!r} must be an integer >= 0 "
