@@ -439,22 +439,25 @@ def test_lr_recompute_hidden_replays_the_mlp_bit_for_bit_under_bf16_autocast():
     _assert_identical(kept, replayed)
 
 
+class _MlpAround(torch.nn.Module):
+    """fc1 → relu → ``middle`` → fc2: an MLP whose middle a replay must not repeat."""
+
+    def __init__(self, middle: torch.nn.Module):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(6, 24), torch.nn.Linear(24, 3)
+        self.middle = middle
+
+    def forward(self, x):
+        return self.fc2(self.middle(torch.relu(self.fc1(x))))
+
+
 def test_lr_recompute_hidden_keeps_the_activation_where_dropout_would_redraw():
     """An MLP in training mode with active dropout would draw a new mask in a replay:
     its hidden activation is kept instead, so the estimate still equals the kept one."""
     from tests.conftest import TensorTask
 
-    class Mlp(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = torch.nn.Linear(6, 24), torch.nn.Linear(24, 3)
-            self.drop = torch.nn.Dropout(0.5)
-
-        def forward(self, x):
-            return self.fc2(self.drop(torch.relu(self.fc1(x))))
-
     torch.manual_seed(0)
-    model = torch.nn.Sequential(Mlp()).double().train()
+    model = torch.nn.Sequential(_MlpAround(torch.nn.Dropout(0.5))).double().train()
     task = TensorTask(model, torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
     kept, replayed = _lr_results(task, IDS, kept={"recompute_hidden": False}, replayed={})
     _assert_identical(kept, replayed)
@@ -509,23 +512,14 @@ def test_lr_recompute_hidden_keeps_the_activation_where_batch_norm_would_update_
 
     from tests.conftest import TensorTask
 
-    class Mlp(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = torch.nn.Linear(6, 24), torch.nn.Linear(24, 3)
-            self.norm = torch.nn.BatchNorm1d(24)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.norm(self.fc1(x))))
-
     torch.manual_seed(0)
-    model = torch.nn.Sequential(Mlp()).double().train()
+    model = torch.nn.Sequential(_MlpAround(torch.nn.BatchNorm1d(24))).double().train()
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
     results, means = [], []
     for settings in ({"recompute_hidden": False}, {}):
         task = TensorTask(copy.deepcopy(model), x, y)
         results += _lr_results(task, IDS, only=settings)
-        means.append(task.model[0].norm.running_mean.clone())
+        means.append(task.model[0].middle.running_mean.clone())
     _assert_identical(*results)
     assert torch.equal(means[0], means[1])
 
