@@ -350,9 +350,7 @@ class _Captured(Exception):
     """Raised where a replay has what it came for, before the layer's own matmul."""
 
 
-def _replay_hidden(
-    replay: _Replay, x, noise, sigma: float, seed: int, pairs, source: str
-) -> torch.Tensor:
+def _replay_hidden(replay: _Replay, x, noise, sigma: float, seed: int, pairs) -> torch.Tensor:
     """The MLP's hidden activation exactly as pass 1 computed it: the MLP's forward on
     its saved input with the same noise (the first layer's as just regenerated, the
     others' from their states), stopped at the target's input."""
@@ -365,7 +363,8 @@ def _replay_hidden(
     layers = [(None, hidden.first)] + [(None, m) for m, _ in replay.ran.values()]
     start = {key: state for key, (_, state) in replay.ran.items()}
     given = {id(hidden.first): noise}
-    injector = _NoiseInjector(layers, sigma, seed, pairs, lambda *_: None, start, given, source)
+    # every layer has its noise or its stream's mark (which names its source)
+    injector = _NoiseInjector(layers, sigma, seed, pairs, lambda *_: None, start, given)
     handle = hidden.target.register_forward_pre_hook(capture)
     enabled, dtype = replay.autocast
     try:
@@ -758,7 +757,7 @@ class LikelihoodRatioEstimator(Estimator):
                 noise = stream.draw(entry.shape, _noise_dtype(entry.x.dtype))
                 if entry.replay is not None and entry.replay.target >= 0:  # an MLP's hidden
                     saved[entry.replay.target].x = _replay_hidden(
-                        entry.replay, entry.x, noise, self.sigma, shard.seed, pairs, source
+                        entry.replay, entry.x, noise, self.sigma, shard.seed, pairs
                     )
                 product.add(entry.module, entry.x, noise, entry.state)
                 del entry, noise
